@@ -1,0 +1,45 @@
+# Two entry points (README Quickstart): `make reproduce` and `make test`; both set up .venv first.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup test reproduce check-clean check-export nbtest pytest
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU wheel first so that nothing later pulls a CUDA build; torchvision is never installed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# The notebooks must already be clean: nbdev-clean may not change anything git tracks.
+check-clean: $(STAMP)
+	@before=$$(git status --porcelain); $(BIN)/nbdev-clean; after=$$(git status --porcelain); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev-clean changed notebooks: run it and commit"; git status --short; exit 1; fi
+	@echo "notebooks clean"
+
+# The package must match the notebooks: nbdev-export may not change anything git tracks.
+check-export: $(STAMP)
+	@before=$$(git status --porcelain); $(BIN)/nbdev-export; after=$$(git status --porcelain); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev-export changed the package: export and commit"; git status --short; exit 1; fi
+	@echo "package in sync with notebooks"
+
+nbtest: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/nbdev-test --timing
+
+pytest: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+
+test: check-clean check-export nbtest pytest
+
+# The main job on the mini profile. Until the later stages land (issues 3-6) it executes the world notebook.
+reproduce: $(STAMP)
+	@mkdir -p outputs/$(RUN_ID)
+	@echo "make reproduce: only the MiniCoBSAT world exists so far; running nbs/00_world.ipynb into outputs/$(RUN_ID)/"
+	MPLBACKEND=Agg $(BIN)/papermill --cwd nbs nbs/00_world.ipynb outputs/$(RUN_ID)/00_world.ipynb
+	@echo "done: outputs/$(RUN_ID)/00_world.ipynb"
