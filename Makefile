@@ -37,9 +37,6 @@ pytest: $(STAMP)
 
 test: check-clean check-export nbtest pytest
 
-# The main job on the mini profile. Until the later stages land (issues 3-6) it executes the world notebook.
+# The main job on the mini profile: features, three aligners, the RMSNorm ablation, CoBSAT and a generation example.
 reproduce: $(STAMP)
-	@mkdir -p outputs/$(RUN_ID)
-	@echo "make reproduce: only the MiniCoBSAT world exists so far; running nbs/00_world.ipynb into outputs/$(RUN_ID)/"
-	MPLBACKEND=Agg $(BIN)/papermill --cwd nbs nbs/00_world.ipynb outputs/$(RUN_ID)/00_world.ipynb
-	@echo "done: outputs/$(RUN_ID)/00_world.ipynb"
+	bash tools/reproduce.sh $(RUN_ID)
