@@ -43,10 +43,21 @@ def test_mini_profile_loads_shipped_weights():
 
 def test_paper_profile_names_the_real_checkpoints(monkeypatch):
     paper = get_profile("paper")
-    assert (paper.t5, paper.decoder, paper.text_width) == ("google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", 4096)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="flan-t5-xxl"):  # the loader asks the hub (here offline) for the real id
-        load_t5("paper")
+    assert (paper.t5, paper.decoder, paper.vlm, paper.text_width) == (
+        "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", "Qwen/Qwen2-VL-7B-Instruct", 4096)
+    asked = []
+    def offline(cls, name, *args, **kwargs):  # no hub here: record what the loader asks for, then fail as offline would
+        asked.append((cls.__name__, name, kwargs.get("subfolder")))
+        raise OSError(f"offline: {name}")
+    import thinkdiff_nb.backbones as backbones
+    for cls in (backbones.T5ForConditionalGeneration, backbones.FluxTransformer2DModel, backbones.Qwen2VLForConditionalGeneration):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(offline))
+    for loader in (load_t5, load_decoder, backbones.load_vlm):
+        with pytest.raises(OSError, match="offline"):
+            loader("paper")
+    assert asked == [("T5ForConditionalGeneration", "google/flan-t5-xxl", None),
+                     ("FluxTransformer2DModel", "black-forest-labs/FLUX.1-dev", "transformer"),
+                     ("Qwen2VLForConditionalGeneration", "Qwen/Qwen2-VL-7B-Instruct", None)]
     with pytest.raises(ValueError, match="no judge"):
         load_judge("paper")
 

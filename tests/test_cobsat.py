@@ -56,10 +56,10 @@ def test_both_right_scoring_on_hand_made_judge_outputs():
     assert s["both"].tolist() == [True, False, False, False, True]
     assert s["subject"].tolist() == [True, True, False, False, True]
     assert s["attribute"].tolist() == [True, False, True, False, True]
-    records = s.assign(method="x", task=TASKS[6].name, shot=2, heldout=[True, False, True, False, True])
+    records = s.assign(method="thinkdiff", task=TASKS[6].name, shot=2, heldout=[True, False, True, False, True])
     table = accuracy_table(records, 2)
-    assert table.loc["x", "Action-I"] == pytest.approx(0.4)
-    assert accuracy_table(records, 2, heldout_only=True).loc["x", "Action-I"] == pytest.approx(2 / 3)
+    assert table.loc["thinkdiff", "Action-I"] == pytest.approx(0.4)
+    assert accuracy_table(records, 2, heldout_only=True).loc["thinkdiff", "Action-I"] == pytest.approx(2 / 3)
 
 
 def test_evaluation_is_deterministic_and_resumable(tiny_td, tmp_path):
