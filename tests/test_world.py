@@ -49,7 +49,7 @@ def test_bad_input_errors():
         render("style_object", "car", "cubist")
     with pytest.raises(ValueError, match="minimum"):
         render("color_object", "car", "red", size=12)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown theme 'weather_object'"):
         render("weather_object", "car", "red")
     with pytest.raises(ValueError, match="shot must be one of"):
         task_prompts(TASKS[0], 3, 1)

@@ -218,6 +218,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'thinkdiff_nb.world._texture': ('world.html#_texture', 'thinkdiff_nb/world.py'),
                                     'thinkdiff_nb.world._to_px': ('world.html#_to_px', 'thinkdiff_nb/world.py'),
                                     'thinkdiff_nb.world._vgrad': ('world.html#_vgrad', 'thinkdiff_nb/world.py'),
+                                    'thinkdiff_nb.world.as_theme': ('world.html#as_theme', 'thinkdiff_nb/world.py'),
                                     'thinkdiff_nb.world.caption': ('world.html#caption', 'thinkdiff_nb/world.py'),
                                     'thinkdiff_nb.world.check_value': ('world.html#check_value', 'thinkdiff_nb/world.py'),
                                     'thinkdiff_nb.world.cobsat_prompt_list': ('world.html#cobsat_prompt_list', 'thinkdiff_nb/world.py'),
