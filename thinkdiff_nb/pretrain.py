@@ -15,11 +15,11 @@ from .backbones import (Judge, encode_text, empty_pooled, flow_matching_loss, ju
                                     sentinels, to_pixels, to_uint8)
 
 # %% auto #0
-__all__ = ['TEXT_LENGTH', 'atomic_torch_save', 'param_groups', 'write_loss_csv', 'FitResult', 'fit', 'is_heldout_text',
-           'random_caption', 'span_corrupt', 'prefix_split', 't5_pairs', 't5_batch', 't5_loss_fn', 't5_metrics',
-           'load_bank', 'augment', 'judge_loss_fn', 'judge_metrics', 'caption_table', 'decoder_loss_fn',
-           'oracle_prompt', 'decoder_oracle', 'oracle_grid', 'is_heldout_pair', 'icl_answer', 'VLMData', 'vlm_loss_fn',
-           'VisionProbe', 'vision_loss_fn', 'description_accuracy', 'icl_text_accuracy']
+__all__ = ['TEXT_LENGTH', 'DESCRIPTION_FRAMES', 'atomic_torch_save', 'param_groups', 'write_loss_csv', 'FitResult', 'fit',
+           'is_heldout_text', 'random_caption', 'span_corrupt', 'prefix_split', 't5_pairs', 't5_batch', 't5_loss_fn',
+           't5_metrics', 'load_bank', 'augment', 'judge_loss_fn', 'judge_metrics', 'caption_table', 'decoder_loss_fn',
+           'oracle_prompt', 'decoder_oracle', 'oracle_grid', 'is_heldout_pair', 'icl_answer', 'description_answer',
+           'VLMData', 'vlm_loss_fn', 'VisionProbe', 'vision_loss_fn', 'description_accuracy', 'icl_text_accuracy']
 
 # %% ../nbs/01a_pretrain.ipynb #bd235133
 def atomic_torch_save(obj, path: Path):
@@ -293,6 +293,19 @@ def icl_answer(theme, subject: str, attribute: str) -> str:
     "The diffusion prompt the VLM is taught to answer with."
     return f"Create an image of {describe(theme, subject, attribute)}."
 
+# one answer style per instruction, as a real VLM answers a given request consistently; the diffusion-prompt
+# instructions get `icl_answer`'s form. A style drawn at random would make the answer's wording a coin flip that no
+# feature of the prompt can predict, and ThinkDiff's aligner is trained to predict the answer's continuation.
+DESCRIPTION_FRAMES = {"Describe the image briefly.": "a picture of {p}.",
+                      "Give a short description of the picture.": "an image of {p}.",
+                      "What is in this image?": "{p}.", "Summarize the image in a few words.": "{p}.",
+                      "Write a concise caption for this picture.": "a photo of {p}."}
+
+def description_answer(instruction: str, theme, subject: str, attribute: str) -> str:
+    "The caption the VLM is taught to answer a description instruction with."
+    frame = DESCRIPTION_FRAMES.get(instruction)
+    return frame.format(p=describe(theme, subject, attribute)) if frame else icl_answer(theme, subject, attribute)
+
 # %% ../nbs/01a_pretrain.ipynb #4f1a7914
 class VLMData:
     "Draws description and in-context samples from an image bank (uint8 images and their index rows)."
@@ -307,7 +320,7 @@ class VLMData:
         "(messages, images, answer) for one random image."
         i = rng.randrange(len(self.rows)); r = self.rows[i]
         instruction = rng.choice(DESCRIBE_INSTRUCTIONS)
-        answer = icl_answer(r["theme"], r["subject"], r["attribute"]) if "diffusion" in instruction else r["caption"] + "."
+        answer = description_answer(instruction, r["theme"], r["subject"], r["attribute"])
         return description_messages(instruction), [self.images[i]], answer
     def icl(self, rng: random.Random, shots=(2, 4)):
         "(messages, images, answer) for a random in-context prompt whose answer is a training pair."
@@ -330,16 +343,19 @@ def vlm_loss_fn(processor, data: VLMData, batch_size: int = 32, icl_share: float
 
 # %% ../nbs/01a_pretrain.ipynb #04bb86b2
 class VisionProbe(torch.nn.Module):
-    "The VLM's vision tower with temporary per-axis heads on its mean-pooled image tokens."
+    "The VLM's vision tower with temporary per-axis heads on its merged image tokens, concatenated in raster order."
     def __init__(self, vlm, processor):
         super().__init__()
         self.visual, self.processor = vlm.model.visual, processor
-        self.heads = torch.nn.ModuleDict({a: torch.nn.Linear(vlm.config.text_config.hidden_size, 10) for a in AXES})
+        ip = processor.image_processor  # min = max pixels (longest_edge counts pixels), so a fixed token count
+        n_tokens = ip.size["longest_edge"] // (ip.patch_size * ip.merge_size) ** 2
+        width = n_tokens * vlm.config.text_config.hidden_size
+        self.heads = torch.nn.ModuleDict({a: torch.nn.Linear(width, 10) for a in AXES})
     def forward(self, images) -> dict:
         inputs = self.processor.image_processor([prepare_image(i, None) for i in images], return_tensors="pt")
         tokens = self.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output  # (B * 16, d)
-        pooled = tokens.reshape(len(images), -1, tokens.shape[-1]).mean(1)
-        return {a: h(pooled) for a, h in self.heads.items()}
+        flat = tokens.reshape(len(images), -1)  # (B, 16 * d): where a part of the silhouette is stays visible
+        return {a: h(flat) for a, h in self.heads.items()}
 
 def vision_loss_fn(images: np.ndarray, rows: list[dict], batch_size: int = 128):
     "A `fit` loss: cross-entropy of the asked heads on a random batch of renders."
