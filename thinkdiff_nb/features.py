@@ -2,18 +2,17 @@
 
 # %% ../nbs/02b_features.ipynb #e2f6c0ab
 from __future__ import annotations
-import hashlib, json, os, random, time
+import bisect, hashlib, json, os, random, time
 from pathlib import Path
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from .backbones import DESCRIBE_INSTRUCTIONS, description_messages, vlm_batch
 
 # %% auto #0
-__all__ = ['MANIFEST', 'answer_lengths', 'generate_with_features', 'sha256', 'write_shard', 'FeatureCache', 'cache_complete',
-           'extract_features']
+__all__ = ['CAPTURES', 'MANIFEST', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'write_shard',
+           'memmap_safetensors', 'FeatureCache', 'cache_complete', 'weights_digest', 'extract_features']
 
 # %% ../nbs/02b_features.ipynb #db7fc507
 def answer_lengths(new_tokens: torch.Tensor, eos_id: int) -> list[int]:
@@ -23,27 +22,40 @@ def answer_lengths(new_tokens: torch.Tensor, eos_id: int) -> list[int]:
         lengths.append(row.index(eos_id) + 1 if eos_id in row else len(row))
     return lengths
 
+CAPTURES = ("hook", "hidden_states", None)
+
+def final_norm(model) -> torch.nn.Module:
+    "The text model's final RMSNorm, whose output feeds `lm_head`."
+    return model.model.language_model.norm
+
 @torch.no_grad()
 def generate_with_features(model, processor, conversations, images, max_new_tokens: int = 24, sample: bool = True,
-                           temperature: float = 0.6, top_p: float = 0.9, ignore_eos: bool = False, image_size=32) -> list[dict]:
+                           temperature: float = 0.6, top_p: float = 0.9, ignore_eos: bool = False, image_size=32,
+                           capture: str | None = "hook") -> list[dict]:
     "Answers with their final-norm states: per sample prompt states (P, d), generated states (N, d), ids and text."
+    if capture not in CAPTURES: raise ValueError(f"unknown capture {capture!r}; choose one of {CAPTURES}")
     batch = vlm_batch(processor, conversations, images, max_images=model.config.max_images, image_size=image_size).to(model.device)
-    eos = processor.tokenizer.eos_token_id
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-                         top_p=top_p if sample else None, top_k=None, output_hidden_states=True, return_dict_in_generate=True,
-                         min_new_tokens=max_new_tokens if ignore_eos else None, pad_token_id=processor.tokenizer.pad_token_id,
-                         eos_token_id=None if ignore_eos else eos)
-    prompt_states = out.hidden_states[0][-1]                                         # (B, P, d) final norm, left-padded
-    step_states = [prompt_states[:, -1:]] + [h[-1] for h in out.hidden_states[1:]]    # N x (B, 1, d)
-    generated_states = torch.cat(step_states, 1)                                      # (B, N, d): row k predicts token k
+    eos, states = processor.tokenizer.eos_token_id, []  # states: (B, P, d) from the prefill, then (B, 1, d) per step
+    hook = final_norm(model).register_forward_hook(lambda module, args, output: states.append(output)) if capture == "hook" else None
+    try:
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+                             top_p=top_p if sample else None, top_k=None, output_hidden_states=capture == "hidden_states",
+                             return_dict_in_generate=True, min_new_tokens=max_new_tokens if ignore_eos else None,
+                             pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=None if ignore_eos else eos)
+    finally:
+        if hook: hook.remove()
+    if capture == "hidden_states": states = [h[-1] for h in out.hidden_states]  # the last layer entry is the final norm
     new_tokens = out.sequences[:, batch["input_ids"].shape[1]:]
     lengths = [new_tokens.shape[1]] * len(new_tokens) if ignore_eos else answer_lengths(new_tokens, eos)
+    if capture: generated_states = torch.cat([states[0][:, -1:]] + states[1:], 1)  # (B, N, d): row k predicts token k
     samples = []
     for b, n in enumerate(lengths):
-        keep = batch["attention_mask"][b].bool()
         ids = new_tokens[b, :n]
-        samples.append({"prompt_features": prompt_states[b, keep].float().cpu(), "generated_features": generated_states[b, :n].float().cpu(),
-                        "generated_ids": ids.cpu(), "text": processor.tokenizer.decode(ids, skip_special_tokens=True)})
+        sample_out = {"generated_ids": ids.cpu(), "text": processor.tokenizer.decode(ids, skip_special_tokens=True)}
+        if capture:
+            keep = batch["attention_mask"][b].bool()  # drop the left padding
+            sample_out |= {"prompt_features": states[0][b, keep].float().cpu(), "generated_features": generated_states[b, :n].float().cpu()}
+        samples.append(sample_out)
     return samples
 
 # %% ../nbs/02b_features.ipynb #c5f0a215
@@ -71,6 +83,21 @@ def write_shard(path: Path, samples: list[dict], rows: list[dict], dtype=torch.f
     os.replace(tmp, path)
 
 # %% ../nbs/02b_features.ipynb #b82c5547
+_NUMPY_STORAGE = {"F16": np.float16, "BF16": np.int16, "F32": np.float32, "I64": np.int64}  # bf16 is read as int16 bits
+
+def memmap_safetensors(path: Path) -> tuple[dict, dict]:
+    "Memory-mapped tensors of a safetensors file (a slice reads only its own pages), and the file's metadata."
+    with open(path, "rb") as f:  # the format: 8-byte header length, JSON header, then the raw tensors
+        n = int.from_bytes(f.read(8), "little"); header = json.loads(f.read(n))
+    metadata, tensors = header.pop("__metadata__", {}), {}
+    for name, h in header.items():
+        # copy-on-write mapping: torch gets a writable buffer, and nothing ever writes back to the shard
+        array = np.memmap(path, dtype=_NUMPY_STORAGE[h["dtype"]], mode="c", offset=8 + n + h["data_offsets"][0],
+                          shape=tuple(h["shape"]))
+        tensors[name] = torch.from_numpy(array.view(np.ndarray))
+        if h["dtype"] == "BF16": tensors[name] = tensors[name].view(torch.bfloat16)
+    return tensors, metadata
+
 class FeatureCache:
     "Reads a shard folder through memory-mapped safetensors; checks width and checksums and names what is wrong."
     def __init__(self, root: str | Path, expected_width: int | None = None):
@@ -81,30 +108,31 @@ class FeatureCache:
         if expected_width is not None and self.manifest["width"] != expected_width:
             raise ValueError(f"feature cache {self.root} holds {self.manifest['width']}-wide features, expected {expected_width}")
         self.shards = self.manifest["shards"]
-        self.starts = np.cumsum([0] + [s["samples"] for s in self.shards])
+        self.starts = np.cumsum([0] + [s["samples"] for s in self.shards]).tolist()  # first sample of each shard
         self._open = {}
     def __len__(self): return int(self.starts[-1])
     @property
     def width(self) -> int: return self.manifest["width"]
     def _shard(self, k: int):
-        "Open shard k once, after checking its checksum."
+        "Map shard k once, after checking its checksum: (arrays, prompt offsets, generated offsets, rows)."
         if k not in self._open:
             path = self.root / self.shards[k]["file"]
             if not path.exists(): raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
             if sha256(path) != self.shards[k]["sha256"]:
                 raise ValueError(f"shard {path} is corrupt (SHA-256 mismatch); delete it and rerun extraction to rebuild it")
-            f = safe_open(str(path), framework="pt")
-            self._open[k] = (f, f.get_tensor("prompt_offsets"), f.get_tensor("generated_offsets"),
-                             json.loads(f.metadata()["rows"]))
+            tensors, metadata = memmap_safetensors(path)
+            # offsets as Python ints: indexing them per sample is the reader's hot path
+            self._open[k] = (tensors, tensors["prompt_offsets"].tolist(), tensors["generated_offsets"].tolist(),
+                             json.loads(metadata["rows"]))
         return self._open[k]
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self): raise IndexError(f"sample {i} out of range for {len(self)} samples")
-        k = int(np.searchsorted(self.starts, i, side="right") - 1)
-        f, po, go, rows = self._shard(k)
-        j = i - int(self.starts[k])
-        return {"prompt_features": f.get_slice("prompt_features")[int(po[j]):int(po[j + 1])],
-                "generated_features": f.get_slice("generated_features")[int(go[j]):int(go[j + 1])],
-                "generated_ids": f.get_slice("generated_ids")[int(go[j]):int(go[j + 1])], **rows[j]}
+        k = bisect.bisect_right(self.starts, i) - 1
+        tensors, po, go, rows = self._shard(k)
+        j = i - self.starts[k]
+        return {"prompt_features": tensors["prompt_features"][po[j]:po[j + 1]],      # views into the mapped shard
+                "generated_features": tensors["generated_features"][go[j]:go[j + 1]],
+                "generated_ids": tensors["generated_ids"][go[j]:go[j + 1]], **rows[j]}
 
 # %% ../nbs/02b_features.ipynb #a1ebb6fb
 def cache_complete(root: str | Path) -> bool:
@@ -115,12 +143,19 @@ def cache_complete(root: str | Path) -> bool:
     return sum(s["samples"] for s in manifest["shards"]) == manifest["params"]["samples"]
 
 # %% ../nbs/02b_features.ipynb #f5271c26
+@torch.no_grad()
+def weights_digest(model) -> str:
+    "A short digest of a model's weights (each tensor's sum), so a cache knows which weights made it, not only their path."
+    sums = torch.stack([p.detach().double().sum().cpu() for p in model.parameters()])
+    return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
+
 def extract_features(model, processor, images, rows: list[dict], root: str | Path, shard_size: int = 1024,
                      batch_size: int = 64, max_new_tokens: int = 24, seed: int = 0, image_size: int | None = 32) -> FeatureCache:
     "Extract (or finish extracting) the features of `images` with their data-set `rows` into a shard folder."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     params = {"samples": len(rows), "shard_size": shard_size, "max_new_tokens": max_new_tokens, "seed": seed,
-              "temperature": 0.6, "top_p": 0.9, "model": str(getattr(model.config, "_name_or_path", ""))}
+              "temperature": 0.6, "top_p": 0.9, "model": str(getattr(model.config, "_name_or_path", "")),
+              "weights": weights_digest(model)}  # retrained weights at the same path must not reuse old features
     width = model.config.text_config.hidden_size
     manifest = {"width": width, "dtype": "float16", "params": params, "shards": []}
     if (root / MANIFEST).exists():
