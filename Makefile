@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup test reproduce check-clean check-export nbtest pytest
+.PHONY: setup test reproduce benchmark check-clean check-export nbtest pytest
 
 setup: $(STAMP)
 
@@ -40,3 +40,7 @@ test: check-clean check-export nbtest pytest
 # The main job on the mini profile: features, three aligners, the RMSNorm ablation, CoBSAT and a generation example.
 reproduce: $(STAMP)
 	bash tools/reproduce.sh $(RUN_ID)
+
+# Feature capture vs plain generate, memory-mapped vs in-memory training: prints ratios from one run. Run it alone.
+benchmark: $(STAMP)
+	$(BIN)/python tools/benchmark_features.py
