@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 import numpy as np
 import torch
+import torch.nn.functional as F
 from .aligner import Aligner, init_norm_from_t5, t5_final_norm_weight
 from .features import FeatureCache, cache_complete, extract_features
 from .pretrain import fit, load_bank
@@ -13,7 +14,7 @@ from .world import write_image_caption_set
 
 # %% auto #0
 __all__ = ['MODES', 'split_point', 'make_example', 'collate', 'AlignerBatches', 'aligner_loss', 'aligner_loss_fn',
-           'continuation_metrics', 'train_aligner', 'feature_caches']
+           'continuation_metrics', 'content_probe', 'train_aligner', 'feature_caches']
 
 # %% ../nbs/02c_training.ipynb #065af3e5
 MODES = ("generated-masked", "generated-full", "input")
@@ -79,6 +80,38 @@ def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 
         right += int((out.logits.argmax(-1).cpu()[keep] == labels[keep]).sum()); total += int(keep.sum())
         losses.append(out.loss.item())
     return {"loss": float(np.mean(losses)), "token_accuracy": right / total, "tokens": total}
+
+# %% ../nbs/02c_training.ipynb #f1b883eb
+def _probe_table(cache, n: int, rows: tuple) -> tuple[dict, dict]:
+    "Per probed state, the features (N, d) of the first n samples; per axis, their (theme, value) labels."
+    items = [cache[i] for i in range(min(n, len(cache)))]
+    if not all({"theme", "subject", "attribute"} <= set(it) for it in items):
+        raise ValueError("content_probe needs MiniCoBSAT rows with theme, subject and attribute")
+    feats = {f"row {k}": torch.stack([it["generated_features"][min(k, len(it["generated_features"]) - 1)].float() for it in items])
+             for k in rows}  # row k, or the last row of a shorter answer
+    feats["prompt mean"] = torch.stack([it["prompt_features"].float().mean(0) for it in items])
+    return feats, {axis: [f"{it['theme']}/{it[axis]}" for it in items] for axis in ("subject", "attribute")}
+
+def content_probe(train_cache, val_cache, rows: tuple = (0, 1, 2, 3, 4), max_train: int = 6000, steps: int = 300,
+                  seed: int = 0) -> dict:
+    "Validation accuracy of linear probes reading the answer's subject and attribute from each generated row k."
+    (x_train, y_train), (x_val, y_val) = _probe_table(train_cache, max_train, rows), _probe_table(val_cache, len(val_cache), rows)
+    out = {}
+    for axis in ("subject", "attribute"):
+        classes = {c: i for i, c in enumerate(sorted(set(y_train[axis])))}
+        target = torch.tensor([classes[c] for c in y_train[axis]])
+        val_target = torch.tensor([classes.get(c, -1) for c in y_val[axis]])  # a class unseen in training counts as wrong
+        for name, x in x_train.items():
+            torch.manual_seed(seed)
+            mean, std = x.mean(0), x.std(0) + 1e-4
+            probe = torch.nn.Linear(x.shape[1], len(classes))
+            opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+            for _ in range(steps):
+                loss = F.cross_entropy(probe((x - mean) / std), target)
+                opt.zero_grad(); loss.backward(); opt.step()
+            with torch.no_grad(): predicted = probe((x_val[name] - mean) / std).argmax(-1)
+            out.setdefault(name, {})[axis] = float((predicted == val_target).float().mean())
+    return out
 
 # %% ../nbs/02c_training.ipynb #bdb72671
 def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tokenizer, vlm_tokenizer, t5_source: str,
