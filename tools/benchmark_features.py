@@ -8,25 +8,21 @@ caches (and checks the shards' checksums), then the median of the timed rounds i
 Run with nothing else on the machine: `make benchmark` (or `.venv/bin/python tools/benchmark_features.py --help`)."""
 import argparse, json, platform, random, statistics, tempfile, time
 from pathlib import Path
-import numpy as np
 import torch
 from thinkdiff_nb.aligner import Aligner, init_norm_from_t5, t5_final_norm_weight
 from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, description_messages, get_profile, load_t5, load_vlm
-from thinkdiff_nb.features import FeatureCache, extract_features, generate_with_features
-from thinkdiff_nb.pretrain import param_groups
-from thinkdiff_nb.train import AlignerBatches, aligner_loss
-from thinkdiff_nb.world import THEMES, render
+from thinkdiff_nb.features import extract_features, generate_with_features
+from thinkdiff_nb.pretrain import fit, load_bank
+from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn
+from thinkdiff_nb.world import write_image_caption_set
 
 
-def renders(n: int, seed: int):
-    "n renders of random pairs with their data-set rows."
-    rng, themes, images, rows = random.Random(seed), list(THEMES.values()), [], []
-    for i in range(n):
-        theme = rng.choice(themes)
-        subject, attribute = rng.choice(theme.subjects), rng.choice(theme.attributes)
-        images.append(np.asarray(render(theme, subject, attribute, seed=10 ** 6 + i)))
-        rows.append({"theme": theme.name, "subject": subject, "attribute": attribute, "image": f"render-{i}"})
-    return np.stack(images), rows
+def renders(n: int, seed: int, workdir: Path):
+    "The first n training images (and rows) of a MiniCoBSAT image-caption set written under `workdir`."
+    root = write_image_caption_set(workdir / "data", n_per_pair=-(-n // 450), seed=seed)  # 450 training pairs per render
+    images, rows = load_bank(root, "train")
+    if len(rows) < n: raise ValueError(f"asked for {n} images, the rendered set has {len(rows)}")
+    return images[:n], rows[:n]
 
 
 def time_generation(vlm, processor, images, args) -> dict:
@@ -49,20 +45,16 @@ def time_generation(vlm, processor, images, args) -> dict:
             "same_answers": texts[None] == texts["hook"] == texts["hidden_states"]}
 
 
-def train_steps(source, t5, t5_source, vlm_tokenizer, t5_tokenizer, args) -> tuple[float, list[float]]:
-    "Seconds for `args.train_steps` aligner steps drawing batches from `source`, and the losses."
+def train_steps(source, t5, t5_source, vlm_tokenizer, t5_tokenizer, args, ckpt: Path) -> tuple[float, list[float]]:
+    "Seconds of the project's training loop (`fit`) for `args.train_steps` aligner steps on `source`, and the losses."
     torch.manual_seed(args.seed)
     aligner = Aligner(source[0]["generated_features"].shape[-1], t5.config.d_model)
     init_norm_from_t5(aligner, t5_final_norm_weight(t5_source))
-    opt = torch.optim.AdamW(param_groups(aligner, 0.05), lr=1e-3)
     batches = AlignerBatches(source, "generated-masked", vlm_tokenizer, t5_tokenizer, args.train_batch_size)
-    g, losses = torch.Generator().manual_seed(args.seed), []
-    start = time.perf_counter()
-    for _ in range(args.train_steps):
-        loss = aligner_loss(aligner, t5, batches(g))
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return time.perf_counter() - start, losses
+    ckpt.unlink(missing_ok=True)  # fit resumes from a checkpoint; every round starts fresh
+    run = fit(aligner, aligner_loss_fn(t5, batches), args.train_steps, ckpt, lr=1e-3, warmup=10, weight_decay=0.05,
+              ckpt_every=args.train_steps, seed=args.seed, desc="aligner")
+    return run.seconds, run.losses
 
 
 def time_training(vlm, processor, images, rows, args, workdir: Path) -> dict:
@@ -75,7 +67,8 @@ def time_training(vlm, processor, images, rows, args, workdir: Path) -> dict:
     seconds, losses = {"memory_mapped": [], "in_memory": []}, {}
     for round_ in range(args.repeats + 1):  # round 0 warms up
         for name, source in (("memory_mapped", cache), ("in_memory", in_memory)):
-            s, losses[name] = train_steps(source, t5, profile.t5, processor.tokenizer, t5_tokenizer, args)
+            s, losses[name] = train_steps(source, t5, profile.t5, processor.tokenizer, t5_tokenizer, args,
+                                          workdir / "checkpoint.pt")
             if round_: seconds[name].append(s)
     return {name: statistics.median(s) for name, s in seconds.items()} | {
         "same_losses": losses["memory_mapped"] == losses["in_memory"]}
@@ -94,9 +87,9 @@ def main():
     parser.add_argument("--output", default="outputs/benchmark/benchmark.json", help="where the measured numbers go")
     args = parser.parse_args()
     vlm, processor = load_vlm(get_profile(args.profile))
-    images, rows = renders(args.images, args.seed)
-    generation = time_generation(vlm, processor, images, args)
     with tempfile.TemporaryDirectory() as tmp:
+        images, rows = renders(args.images, args.seed, Path(tmp))
+        generation = time_generation(vlm, processor, images, args)
         training = time_training(vlm, processor, images, rows, args, Path(tmp))
     ratios = {"capture_hook_vs_plain": generation["hook"] / generation["plain"],
               "capture_hidden_states_vs_plain": generation["hidden_states"] / generation["plain"],
