@@ -15,8 +15,8 @@ __all__ = ['AXES', 'DISPLAY_WORDS', 'THEMES', 'TASKS', 'SHOTS', 'SILHOUETTES', '
            'COLOR_RGB', 'ACTION_GROUNDS', 'ACTION_POSE', 'PAINTERS', 'PHRASES', 'FRAMES', 'display_word', 'check_value',
            'Theme', 'as_theme', 'Task', 'cobsat_prompt_list', 'InContextPrompt', 'make_prompt', 'task_prompts',
            'Nuisance', 'silhouette_mask', 'subject_layer', 'paint_color', 'paint_background', 'paint_style',
-           'paint_action', 'paint_texture', 'render', 'show_grid', 'min_pair_distance', 'describe', 'caption',
-           'parse_value', 'parse_pair', 'write_image_caption_set', 'ImageCaptionSet']
+           'paint_action', 'paint_texture', 'render', 'show_grid', 'min_pair_distance', 'describe', 'caption_variants',
+           'caption', 'parse_value', 'parse_pair', 'write_image_caption_set', 'ImageCaptionSet']
 
 # %% ../nbs/00_world.ipynb #0af16c7e
 AXES = {
@@ -532,12 +532,17 @@ def describe(theme: Theme | str, subject: str, attribute: str) -> str:
     theme.check(subject, attribute)
     return _fix_article(PHRASES[theme.attribute_axis][attribute][0].format(s=subject))
 
-def caption(theme: Theme | str, subject: str, attribute: str, rng: random.Random) -> str:
-    "A caption for a pair drawn from the templates with `rng` (deterministic given its seed)."
+def caption_variants(theme: Theme | str, subject: str, attribute: str) -> list[str]:
+    "Every caption of a pair, phrase-major; `caption` draws one phrase and one frame, so each is equally likely."
     theme = as_theme(theme)
     theme.check(subject, attribute)
-    phrase = rng.choice(PHRASES[theme.attribute_axis][attribute]).format(s=subject)
-    return _fix_article(rng.choice(FRAMES).format(p=phrase))
+    return [_fix_article(f.format(p=p.format(s=subject))) for p in PHRASES[theme.attribute_axis][attribute] for f in FRAMES]
+
+def caption(theme: Theme | str, subject: str, attribute: str, rng: random.Random) -> str:
+    "A caption for a pair drawn from the templates with `rng` (deterministic given its seed)."
+    variants = caption_variants(theme, subject, attribute)
+    phrase = rng.randrange(len(variants) // len(FRAMES))  # the same draws as choosing a phrase, then a frame
+    return variants[phrase * len(FRAMES) + rng.randrange(len(FRAMES))]
 
 # %% ../nbs/00_world.ipynb #fe68dd81
 def _surface_forms(axis):
