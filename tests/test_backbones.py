@@ -106,9 +106,9 @@ def test_one_training_step_of_each_model(tmp_path):
     judge = Judge(width=8)
     _one_step(judge, judge_loss_fn(images, rows, 4), tmp_path / "judge.pt")
     t5.eval()
-    ids, table = caption_table(t5, tok, [r["caption"] for r in rows])
+    ids, table, lengths = caption_table(t5, tok, [r["caption"] for r in rows])
     decoder = FluxTransformer2DModel(**mini_decoder_config(32, blocks=1, heads=2, head_dim=16))
-    _one_step(decoder, decoder_loss_fn(images, ids, table, empty_pooled(t5, tok), 4), tmp_path / "decoder.pt")
+    _one_step(decoder, decoder_loss_fn(images, ids, table, lengths, empty_pooled(t5, tok), 4), tmp_path / "decoder.pt")
 
 
 def test_bad_input_errors(tiny, tmp_path):

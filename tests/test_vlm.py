@@ -8,7 +8,7 @@ from transformers import Qwen2VLForConditionalGeneration
 from thinkdiff_nb.world import TASKS, THEMES, display_word, render, task_prompts
 from thinkdiff_nb.backbones import (ImageOnlyQwen2VLProcessor, description_messages, get_profile, icl_messages, load_vlm,
                                     mini_vlm_config, mini_vlm_processor, vlm_answers, vlm_batch)
-from thinkdiff_nb.pretrain import VLMData, fit, is_heldout_pair, vlm_loss_fn
+from thinkdiff_nb.pretrain import LookaheadVLM, VLMData, fit, is_heldout_pair, vlm_loss_fn
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,24 @@ def test_one_training_step(processor, tmp_path):
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1, vision_dim=32))
     before = [p.detach().clone() for p in model.parameters()]
-    losses = fit(model, vlm_loss_fn(processor, VLMData(images, rows), batch_size=4), 1, tmp_path / "vlm.pt", warmup=0).losses
+    losses = fit(LookaheadVLM(model, 0.5), vlm_loss_fn(processor, VLMData(images, rows), batch_size=4), 1, tmp_path / "vlm.pt",
+                 warmup=0).losses
     assert np.isfinite(losses[0]) and any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_lookahead_loss_adds_to_the_next_token_loss(processor):
+    "The lookahead head's KL is positive on a fresh model and adds, with its weight, to the VLM's own loss."
+    batch = vlm_batch(processor, [description_messages("Describe the image briefly.")] * 2,
+                      [[render("color_object", "car", "red")], [render("texture_object", "box", "lace")]],
+                      answers=["a picture of a red car.", "a picture of a box made of lace."], padding_side="right")
+    torch.manual_seed(0)
+    vlm = Qwen2VLForConditionalGeneration(mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1, vision_dim=32))
+    plain, weighted = LookaheadVLM(vlm, 0.0), LookaheadVLM(vlm, 0.5)
+    weighted.head.load_state_dict(plain.head.state_dict())
+    with torch.no_grad():
+        lm, total = plain(**batch), weighted(**batch)
+        double = LookaheadVLM(vlm, 1.0); double.head.load_state_dict(plain.head.state_dict()); total2 = double(**batch)
+    assert total > lm and torch.isclose(total2 - lm, 2 * (total - lm))
 
 
 def test_in_context_samples_never_answer_a_heldout_pair():

@@ -10,16 +10,17 @@ import torch, torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from .world import AXES, THEMES, TASKS, ImageCaptionSet, as_theme, caption, describe, display_word, parse_value, render
+from .world import AXES, THEMES, TASKS, ImageCaptionSet, as_theme, caption, caption_variants, describe, display_word, parse_value, render
 from .backbones import (Judge, encode_text, empty_pooled, flow_matching_loss, judge_pairs, sample_images,
                                     sentinels, to_pixels, to_uint8)
 
 # %% auto #0
 __all__ = ['TEXT_LENGTH', 'DESCRIPTION_FRAMES', 'atomic_torch_save', 'param_groups', 'write_loss_csv', 'FitResult', 'fit',
            'is_heldout_text', 'random_caption', 'span_corrupt', 'prefix_split', 't5_pairs', 't5_batch', 't5_loss_fn',
-           't5_metrics', 'load_bank', 'augment', 'judge_loss_fn', 'judge_metrics', 'caption_table', 'decoder_loss_fn',
-           'oracle_prompt', 'decoder_oracle', 'oracle_grid', 'is_heldout_pair', 'icl_answer', 'description_answer',
-           'VLMData', 'vlm_loss_fn', 'VisionProbe', 'vision_loss_fn', 'description_accuracy', 'icl_text_accuracy']
+           'span_length_probs', 'span_ceiling', 't5_metrics', 'load_bank', 'augment', 'judge_loss_fn', 'judge_metrics',
+           'caption_table', 'decoder_loss_fn', 'oracle_prompt', 'decoder_oracle', 'oracle_grid', 'is_heldout_pair',
+           'icl_answer', 'description_answer', 'VLMData', 'lookahead_targets', 'LookaheadVLM', 'vlm_loss_fn',
+           'VisionProbe', 'vision_loss_fn', 'description_accuracy', 'icl_text_accuracy']
 
 # %% ../nbs/01a_pretrain.ipynb #bd235133
 def atomic_torch_save(obj, path: Path):
@@ -142,6 +143,35 @@ def t5_loss_fn(tokenizer, batch_size: int = 64):
         return t5(input_ids=ids, attention_mask=mask, labels=labels).loss
     return loss
 
+# %% ../nbs/01a_pretrain.ipynb #08cf6fb2
+def span_length_probs(room: int, mean_span: float = 3.0) -> list[float]:
+    "P(length = 1, ..., room) of a `span_corrupt` span with `room` words left: round(Exp(mean_span)), clipped to [1, room]."
+    cdf = lambda x: 1 - math.exp(-x / mean_span)
+    probs = [cdf(1.5)] + [cdf(k + 0.5) - cdf(k - 0.5) for k in range(2, room)]
+    return probs + [1 - sum(probs)] if room > 1 else [1.0]
+
+def _span_corruptions(words: list[str], density: float, mean_span: float):
+    "Every (input, target, probability) that `span_corrupt` makes of a caption short enough for a single span."
+    if round(max(1, round(len(words) * density)) / mean_span) > 1: raise ValueError(f"{' '.join(words)!r} gets several spans")
+    for start in range(len(words)):  # a uniform start, then a clipped exponential length
+        for length, q in enumerate(span_length_probs(len(words) - start, mean_span), 1):
+            yield " ".join(words[:start] + ["<X>"] + words[start + length:]), " ".join(words[start:start + length]), q / len(words)
+
+def span_ceiling(density: float = 0.15, mean_span: float = 3.0) -> float:
+    "Exact match of the Bayes-optimal answer to `span_corrupt` on held-out captions: the best any T5 can score."
+    captions, joint = {}, {}  # caption -> probability under `random_caption`; input -> {target: joint probability}
+    for theme in THEMES.values():
+        for s, a in ((s, a) for s in theme.subjects for a in theme.attributes):
+            variants = caption_variants(theme, s, a)
+            for text in variants: captions[text] = captions.get(text, 0) + 1 / (len(THEMES) * 100 * len(variants))
+    for text, p in captions.items():
+        for key, target, q in _span_corruptions(text.split(), density, mean_span):
+            joint.setdefault(key, {})[target] = joint[key].get(target, 0) + p * q
+    best = {key: max(targets, key=targets.get) for key, targets in joint.items()}
+    held = [(p * q, best[key] == target) for text, p in captions.items() if is_heldout_text(text)
+            for key, target, q in _span_corruptions(text.split(), density, mean_span)]
+    return sum(w for w, right in held if right) / sum(w for w, _ in held)
+
 # %% ../nbs/01a_pretrain.ipynb #61a20223
 def _masks_content(target: str) -> bool:
     "Whether a span-corruption target holds a subject or attribute word (any surface form the world's parser knows)."
@@ -149,7 +179,7 @@ def _masks_content(target: str) -> bool:
 
 @torch.no_grad()
 def t5_metrics(t5, tokenizer, n: int = 1000, seed: int = 12345, batch_size: int = 250) -> dict:
-    "Held-out span-corruption exact match (all, and context-determined spans) and continuation token accuracy."
+    "Held-out span-corruption exact match (all, context-determined spans, and its ceiling) and continuation token accuracy."
     t5.eval()
     rng, exact, determined, tok_right, tok_total = random.Random(seed), [], [], 0, 0
     for i in range(0, n, batch_size):
@@ -167,7 +197,7 @@ def t5_metrics(t5, tokenizer, n: int = 1000, seed: int = 12345, batch_size: int 
         keep = labels != -100
         tok_right += int((pred[keep] == labels[keep]).sum()); tok_total += int(keep.sum())
     return {"span_exact_match": float(np.mean(exact)), "span_exact_match_context_determined": float(np.mean(determined)),
-            "span_share_context_determined": len(determined) / len(exact),
+            "span_share_context_determined": len(determined) / len(exact), "span_exact_match_ceiling": span_ceiling(),
             "continuation_token_accuracy": tok_right / tok_total, "heldout_texts": n}
 
 # %% ../nbs/01a_pretrain.ipynb #8739adac
@@ -226,21 +256,23 @@ TEXT_LENGTH = 24  # T5 tokens per caption for the decoder, pad states kept as FL
 
 @torch.no_grad()
 def caption_table(t5, tokenizer, captions: list[str], batch_size: int = 512):
-    "(unique-caption index per row (N,), encoded table (U, TEXT_LENGTH, d)), the empty prompt at index 0."
+    "(unique-caption index per row (N,), encoded table (U, TEXT_LENGTH, d), tokens per unique caption (U,)), the empty prompt first."
     unique = [""] + sorted(set(captions) - {""})
     where = {c: i for i, c in enumerate(unique)}
     table = torch.cat([encode_text(t5, tokenizer, unique[i:i + batch_size], TEXT_LENGTH)
                        for i in range(0, len(unique), batch_size)])
-    return torch.tensor([where[c] for c in captions]), table
+    lengths = torch.tensor([len(ids) for ids in tokenizer(unique).input_ids])  # with </s>, before padding
+    return torch.tensor([where[c] for c in captions]), table, lengths
 
-def decoder_loss_fn(images: np.ndarray, caption_ids: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor,
-                    batch_size: int = 64, drop: float = 0.1):
-    "A `fit` loss: flow matching on a random batch, `drop` of captions replaced by the empty prompt."
+def decoder_loss_fn(images: np.ndarray, caption_ids: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
+                    pooled: torch.Tensor, batch_size: int = 64, drop: float = 0.1):
+    "A `fit` loss: flow matching on a random batch, `drop` of captions replaced by the empty prompt, a random pad count."
     pixels = to_pixels(images)
     def loss(decoder, g):
         idx = torch.randint(len(images), (batch_size,), generator=g)
         cap = torch.where(torch.rand(batch_size, generator=g) < drop, 0, caption_ids[idx])
-        return flow_matching_loss(decoder, pixels[idx], table[cap], pooled.expand(batch_size, -1), generator=g)
+        keep = int(torch.randint(int(lengths[cap].max()), table.shape[1] + 1, (1,), generator=g))  # the batch's longest caption up to all pads
+        return flow_matching_loss(decoder, pixels[idx], table[cap, :keep], pooled.expand(batch_size, -1), generator=g)
     return loss
 
 # %% ../nbs/01a_pretrain.ipynb #5f90638c
@@ -332,13 +364,38 @@ class VLMData:
         images = [self.image(task.theme, s, a, rng) for s, a in prompt.demo_pairs]
         return icl_messages(prompt.texts), images, icl_answer(task.theme, *prompt.target)
 
+# %% ../nbs/01a_pretrain.ipynb #9fa7179a
+def lookahead_targets(labels: torch.Tensor, vocab_size: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "For labels (B, T): the (B, T) mask of states that predict an answer token, and per such state the normalised bag (N, V) of answer tokens from the one it predicts on (EOS left out)."
+    predicts = labels[:, 1:] != -100                                # state t predicts labels[t + 1]
+    ids = labels[:, 1:].clamp(min=0)
+    counts = F.one_hot(ids, vocab_size).float() * (predicts & (ids != eos_id))[..., None]  # (B, T-1, V)
+    to_come = counts.flip(1).cumsum(1).flip(1)                      # answer words at t + 1 and later
+    rows = F.pad(predicts, (0, 1)) & F.pad(to_come.sum(-1) > 0, (0, 1))
+    bags = to_come[rows[:, :-1]]
+    return rows, bags / bags.sum(-1, keepdim=True)
+
+class LookaheadVLM(torch.nn.Module):
+    "A VLM with a temporary head on its final-norm states; forward returns next-token loss + `weight` x lookahead KL."
+    def __init__(self, vlm, weight: float = 0.5):
+        super().__init__()
+        self.vlm, self.weight = vlm, weight
+        self.head = torch.nn.Linear(vlm.config.text_config.hidden_size, vlm.config.text_config.vocab_size)
+    def forward(self, labels: torch.Tensor, **batch) -> torch.Tensor:
+        out = self.vlm(**batch, labels=labels, output_hidden_states=self.weight > 0)
+        if self.weight == 0: return out.loss
+        rows, bags = lookahead_targets(labels, self.head.out_features, self.vlm.config.text_config.eos_token_id)
+        log_probs = F.log_softmax(self.head(out.hidden_states[-1][rows]), -1)  # the last entry is after the final norm
+        kl = (bags * (torch.log(bags.clamp(min=1e-12)) - log_probs)).sum(-1).mean()
+        return out.loss + self.weight * kl
+
 def vlm_loss_fn(processor, data: VLMData, batch_size: int = 32, icl_share: float = 0.7, max_images: int = 8):
-    "A `fit` loss: the reply tokens' cross-entropy on a batch mixing in-context and description samples."
+    "A `fit` loss for a `LookaheadVLM` on a batch mixing in-context and description samples."
     def loss(model, g):
         rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))
         samples = [data.icl(rng) if rng.random() < icl_share else data.description(rng) for _ in range(batch_size)]
         batch = vlm_batch(processor, *map(list, zip(*samples)), max_images=max_images, padding_side="right")
-        return model(**batch.to(next(model.parameters()).device)).loss
+        return model(**batch.to(next(model.parameters()).device))
     return loss
 
 # %% ../nbs/01a_pretrain.ipynb #04bb86b2
