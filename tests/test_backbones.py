@@ -1,5 +1,5 @@
 "Backbones: the three profiles, save/load round trips, the tokenizer, one training step of each model, bad input."
-import json, os, random
+import collections, json, os, random
 from pathlib import Path
 import numpy as np
 import pytest
@@ -10,7 +10,8 @@ from thinkdiff_nb.world import AXES, THEMES, display_word, render
 from thinkdiff_nb.backbones import (Judge, Profile, get_profile, load_decoder, load_judge, load_t5, load_t5_tokenizer,
                                     mini_decoder_config, mini_t5_config, t5_tokenizer, encode_text, empty_pooled,
                                     sample_images, judge_pairs, to_pixels, MINI_DIR)
-from thinkdiff_nb.pretrain import (fit, t5_loss_fn, judge_loss_fn, decoder_loss_fn, caption_table, span_corrupt)
+from thinkdiff_nb.pretrain import (fit, t5_loss_fn, judge_loss_fn, decoder_loss_fn, caption_table, span_corrupt,
+                                   span_length_probs)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,15 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="step 3"):
         fit(model, loss, 10, tmp_path / "m.pt", ckpt_every=2, warmup=0)
     assert torch.load(tmp_path / "m.pt", weights_only=False)["step"] == 2
+
+
+def test_span_ceiling_enumerates_what_span_corrupt_does():
+    "The ceiling's exact corruption probabilities match span_corrupt's frequencies on a 10-word caption."
+    words = "a photo of a dog with amusement park behind it".split()
+    rng, n = random.Random(0), 40000
+    seen = collections.Counter(span_corrupt(words, rng) for _ in range(n))
+    for start in range(len(words)):
+        for length, p in enumerate(span_length_probs(len(words) - start), 1):
+            pair = (" ".join(words[:start] + ["<extra_id_0>"] + words[start + length:]),
+                    " ".join(["<extra_id_0>"] + words[start:start + length]))
+            assert abs(seen[pair] / n - p / len(words)) < 4 * (p / len(words) / n) ** 0.5 + 1e-4, (start, length)

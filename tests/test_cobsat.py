@@ -7,7 +7,7 @@ import pytest
 import torch
 from thinkdiff_nb.world import TASKS, task_prompts
 from thinkdiff_nb.backbones import get_profile, load_judge
-from thinkdiff_nb.aligner import Aligner
+from thinkdiff_nb.aligner import Aligner, save_readout
 from thinkdiff_nb.inference import METHODS, ThinkDiff, conditioning, draw, respond
 from thinkdiff_nb.cobsat import accuracy_table, evaluate, score
 
@@ -20,6 +20,7 @@ def aligners(tmp_path_factory):
     torch.manual_seed(0)
     for name in ("masked", "full", "input"):
         Aligner(32, 32).save_pretrained(root / name)
+    save_readout(torch.eye(33, 32) + 0.01 * torch.randn(33, 32), root / "masked")  # as 03_train writes beside a generated-token aligner
     return root
 
 
@@ -42,7 +43,10 @@ def test_inference_path_end_to_end(tiny_td):
     assert lengths["thinkdiff"] == lengths["no-masking"] == 6
     assert lengths["hybrid"] == lengths["thinkdiff"] + lengths["text-bridge"]  # aligned tokens first, then T5 text
     hybrid = conditioning(tiny_td, "hybrid", prompts, responses)
-    assert torch.allclose(hybrid[:, :6], conditioning(tiny_td, "thinkdiff", prompts, responses))
+    aligned = conditioning(tiny_td, "thinkdiff", prompts, responses)
+    assert torch.allclose(hybrid[:, :6], aligned)
+    readout = tiny_td.readouts["masked"]
+    assert torch.allclose(conditioning(tiny_td, "thinkdiff-readout", prompts, responses), aligned @ readout[:-1] + readout[-1])
     with pytest.raises(ValueError, match="unknown method"):
         conditioning(tiny_td, "magic", prompts, responses)
 

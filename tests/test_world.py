@@ -1,9 +1,9 @@
 "The MiniCoBSAT world: CoBSAT's prompt recipe, the renderer's determinism and separability, captions, data on disk."
-import json, random
+import collections, json, random
 from pathlib import Path
 import numpy as np
 import pytest
-from thinkdiff_nb.world import (AXES, TASKS, THEMES, SHOTS, ImageCaptionSet, caption, cobsat_prompt_list, describe,
+from thinkdiff_nb.world import (AXES, TASKS, THEMES, SHOTS, ImageCaptionSet, caption, caption_variants, cobsat_prompt_list, describe,
                                 min_pair_distance, parse_pair, render, task_prompts, write_image_caption_set)
 
 FIXTURE = Path(__file__).parents[1] / "data/fixtures/cobsat_prompt_list_default.json"
@@ -64,6 +64,15 @@ def test_captions_deterministic_and_parseable():
     for s in theme.subjects:
         for a in theme.attributes:
             assert parse_pair(f"Create an image of {describe(theme, s, a)}", theme) == (s, a)
+
+
+def test_captions_are_drawn_uniformly_from_their_variants():
+    theme = THEMES["color_object"]  # 3 phrases x 5 frames
+    variants = caption_variants(theme, "cup", "red")
+    assert len(variants) == 15 == len(set(variants))
+    rng = random.Random(0)
+    counts = collections.Counter(caption(theme, "cup", "red", rng) for _ in range(15000))
+    assert set(counts) == set(variants) and all(850 < c < 1150 for c in counts.values())
 
 
 def test_image_caption_set_round_trip(tmp_path):

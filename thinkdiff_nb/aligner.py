@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 import torch, torch.nn as nn
 from safetensors import safe_open
+from safetensors.torch import save_file
 from diffusers import ModelMixin, ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 # %% auto #0
-__all__ = ['NORM_VARIANTS', 'T5_FINAL_NORM', 'Aligner', 't5_final_norm_weight', 'init_norm_from_t5']
+__all__ = ['NORM_VARIANTS', 'T5_FINAL_NORM', 'READOUT_FILE', 'Aligner', 't5_final_norm_weight', 'init_norm_from_t5',
+           'fit_readout', 'apply_readout', 'save_readout', 'load_readout']
 
 # %% ../nbs/02a_aligner.ipynb #38d515a4
 NORM_VARIANTS = ("t5", "default", "none")
@@ -58,3 +60,25 @@ def init_norm_from_t5(aligner: Aligner, weight: torch.Tensor) -> Aligner:
         raise ValueError(f"T5 norm weight has shape {tuple(weight.shape)}, the aligner's norm {tuple(aligner.rms_norm.weight.shape)}")
     with torch.no_grad(): aligner.rms_norm.weight.copy_(weight)
     return aligner
+
+# %% ../nbs/02a_aligner.ipynb #aad54dfa
+READOUT_FILE = "t5_readout.safetensors"
+
+def fit_readout(aligned: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    "Least-squares affine map (d + 1, d_t5) from aligned rows (N, d) to T5 encoder states (N, d_t5); the last row is the offset."
+    ones = torch.ones(len(aligned), 1, dtype=aligned.dtype, device=aligned.device)
+    return torch.linalg.lstsq(torch.cat([aligned, ones], 1), states).solution
+
+def apply_readout(aligned: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+    "Aligned tokens (..., d) mapped by an affine readout to (..., d_t5)."
+    return aligned @ readout[:-1].to(aligned) + readout[-1].to(aligned)
+
+def save_readout(readout: torch.Tensor, folder):
+    "Write a readout into an aligner's folder."
+    save_file({"readout": readout.contiguous()}, str(Path(folder) / READOUT_FILE))
+
+def load_readout(folder) -> torch.Tensor | None:
+    "An aligner folder's readout, or None when it has none."
+    path = Path(folder) / READOUT_FILE
+    if not path.exists(): return None
+    with safe_open(str(path), framework="pt") as f: return f.get_tensor("readout")

@@ -9,7 +9,7 @@ import torch
 from .world import InContextPrompt, display_word
 from .backbones import (Profile, get_profile, load_t5, load_vlm, load_decoder, icl_messages, encode_text,
                                     empty_pooled, sample_images, to_uint8)
-from .aligner import Aligner
+from .aligner import Aligner, apply_readout, load_readout
 from .features import generate_with_features
 from .pretrain import TEXT_LENGTH, oracle_prompt
 
@@ -27,16 +27,18 @@ class ThinkDiff:
     t5_tokenizer: object
     decoder: object
     aligners: dict = field(default_factory=dict)  # name -> (Aligner, "generated" | "input")
+    readouts: dict = field(default_factory=dict)  # name -> affine T5 readout of an aligner that has one (a diagnostic)
     @classmethod
     def load(cls, profile: Profile | str, aligners: dict | None = None, device="cpu") -> "ThinkDiff":
         "Load a profile's backbones and aligners given as {name: (folder, 'generated' | 'input')}."
         profile = get_profile(profile) if isinstance(profile, str) else profile
         vlm, processor = load_vlm(profile, device); t5, tok = load_t5(profile, device)
-        loaded = {}
+        loaded, readouts = {}, {}
         for name, (folder, states) in (aligners or {}).items():
             if states not in ("generated", "input"): raise ValueError(f"aligner {name!r} reads {states!r}; use 'generated' or 'input'")
             loaded[name] = (Aligner.from_pretrained(folder).to(device).eval(), states)
-        return cls(profile, vlm, processor, t5, tok, load_decoder(profile, device), loaded)
+            if (readout := load_readout(folder)) is not None: readouts[name] = readout.to(device)
+        return cls(profile, vlm, processor, t5, tok, load_decoder(profile, device), loaded, readouts)
 
 # %% ../nbs/02d_inference.ipynb #74a6ca2f
 def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, seed: int = 0, image_seed: int = 10 ** 6,
@@ -70,11 +72,14 @@ def _aligned(td: ThinkDiff, name: str, responses: list[dict]) -> torch.Tensor:
     with torch.no_grad(): return aligner(batch.to(aligner.device))
 
 ALIGNER_METHODS = {"thinkdiff": "masked", "no-masking": "full", "input-tokens": "input"}
-METHODS = ("thinkdiff", "no-masking", "input-tokens", "text-bridge", "hybrid", "query-only", "oracle")
+METHODS = ("thinkdiff", "no-masking", "input-tokens", "thinkdiff-readout", "text-bridge", "hybrid", "query-only", "oracle")
 
 def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> torch.Tensor:
     "Decoder tokens (B, L, d) of a method for a batch of prompts and the VLM's responses to them."
     if method in ALIGNER_METHODS: return _aligned(td, ALIGNER_METHODS[method], responses)
+    if method == "thinkdiff-readout":
+        if "masked" not in td.readouts: raise KeyError("the masked aligner has no T5 readout; 03_train saves one beside its weights")
+        return apply_readout(_aligned(td, "masked", responses), td.readouts["masked"])
     if method == "text-bridge": return _t5_text(td, [r["answer"] for r in responses])
     if method == "hybrid": return torch.cat([_aligned(td, "masked", responses), _t5_text(td, [r["answer"] for r in responses])], 1)
     if method == "query-only": return _t5_text(td, [display_word(p.xs[-1]) for p in prompts])

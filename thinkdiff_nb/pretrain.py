@@ -166,7 +166,7 @@ def span_ceiling(density: float = 0.15, mean_span: float = 3.0) -> float:
             for text in variants: captions[text] = captions.get(text, 0) + 1 / (len(THEMES) * 100 * len(variants))
     for text, p in captions.items():
         for key, target, q in _span_corruptions(text.split(), density, mean_span):
-            joint.setdefault(key, {})[target] = joint[key].get(target, 0) + p * q
+            targets = joint.setdefault(key, {}); targets[target] = targets.get(target, 0) + p * q
     best = {key: max(targets, key=targets.get) for key, targets in joint.items()}
     held = [(p * q, best[key] == target) for text, p in captions.items() if is_heldout_text(text)
             for key, target, q in _span_corruptions(text.split(), density, mean_span)]

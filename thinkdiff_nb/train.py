@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .aligner import Aligner, init_norm_from_t5, t5_final_norm_weight
+from .aligner import Aligner, apply_readout, fit_readout, init_norm_from_t5, t5_final_norm_weight
 from .features import FeatureCache, cache_complete, extract_features
 from .pretrain import fit, load_bank
 from .world import write_image_caption_set
 
 # %% auto #0
 __all__ = ['MODES', 'split_point', 'make_example', 'collate', 'AlignerBatches', 'aligner_loss', 'aligner_loss_fn',
-           'continuation_metrics', 'content_probe', 't5_space_agreement', 'train_aligner', 'feature_caches']
+           'continuation_metrics', 'content_probe', 't5_space_pairs', 't5_space_agreement', 't5_readout',
+           'train_aligner', 'feature_caches']
 
 # %% ../nbs/02c_training.ipynb #065af3e5
 MODES = ("generated-masked", "generated-full", "input")
@@ -115,29 +116,35 @@ def content_probe(train_cache, val_cache, rows: tuple = (0, 1, 2, 3, 4), max_tra
 
 # %% ../nbs/02c_training.ipynb #7a1ef223
 @torch.no_grad()
-def t5_space_agreement(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> dict:
-    "Cosine and held-out affine R² between aligned generated rows and the T5 encoder states of the same answer tokens."
-    aligned, states, matched = [], [], 0
-    for i in range(min(n, len(cache))):
+def t5_space_pairs(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> tuple[list, int]:
+    "Per sample whose answer tokens match T5's one to one: (aligned generated rows (L, d), T5 encoder states of the same tokens (L, d)); and the samples tried."
+    pairs, tried = [], min(n, len(cache))
+    for i in range(tried):
         item = cache[i]
         ids = item["generated_ids"].tolist()
         answer = vlm_tokenizer.decode(ids, skip_special_tokens=True)
         t5_ids = t5_tokenizer(answer, return_tensors="pt").input_ids.to(t5.device)  # the answer's tokens, then </s>
         if t5_ids.shape[1] != len(ids) + (ids[-1] != vlm_tokenizer.eos_token_id): continue  # no 1:1 token match
-        matched += 1
-        a = aligner(item["generated_features"].float().to(aligner.device))       # (L, d): row k predicts token k
-        h = t5.get_encoder()(input_ids=t5_ids).last_hidden_state[0, :len(a)]     # (L, d): the state of token k
-        aligned.append(a); states.append(h)
-    if matched < 4: return {"matched_share": matched / min(n, len(cache)), "cosine": None, "affine_r2": None}
-    half = len(aligned) // 2
-    x_fit, y_fit = torch.cat(aligned[:half]), torch.cat(states[:half])
-    x_val, y_val = torch.cat(aligned[half:]), torch.cat(states[half:])
-    ones = lambda x: torch.cat([x, torch.ones(len(x), 1, device=x.device)], 1)
-    affine = torch.linalg.lstsq(ones(x_fit), y_fit).solution
-    residual = ((ones(x_val) @ affine - y_val) ** 2).sum() / ((y_val - y_val.mean(0)) ** 2).sum()
-    return {"matched_share": matched / min(n, len(cache)), "rows": int(sum(len(a) for a in aligned)),
-            "cosine": float(F.cosine_similarity(torch.cat(aligned), torch.cat(states), dim=-1).mean()),
-            "affine_r2": float(1 - residual)}
+        aligned = aligner(item["generated_features"].float().to(aligner.device))       # (L, d): row k predicts token k
+        pairs.append((aligned, t5.get_encoder()(input_ids=t5_ids).last_hidden_state[0, :len(aligned)]))
+    return pairs, tried
+
+def t5_space_agreement(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> dict:
+    "Cosine and held-out affine R² between aligned generated rows and the T5 encoder states of the same answer tokens."
+    pairs, tried = t5_space_pairs(aligner, t5, t5_tokenizer, vlm_tokenizer, cache, n)
+    if len(pairs) < 4: return {"matched_share": len(pairs) / tried, "cosine": None, "affine_r2": None}
+    half = len(pairs) // 2
+    (x_fit, y_fit), (x_val, y_val) = [[torch.cat(rows) for rows in zip(*part)] for part in (pairs[:half], pairs[half:])]
+    residual = ((apply_readout(x_val, fit_readout(x_fit, y_fit)) - y_val) ** 2).sum() / ((y_val - y_val.mean(0)) ** 2).sum()
+    aligned, states = (torch.cat(rows) for rows in zip(*pairs))
+    return {"matched_share": len(pairs) / tried, "rows": len(aligned),
+            "cosine": float(F.cosine_similarity(aligned, states, dim=-1).mean()), "affine_r2": float(1 - residual)}
+
+def t5_readout(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: FeatureCache, n: int = 4096) -> torch.Tensor:
+    "The affine readout (see `fit_readout`) of an aligner, fitted on the first `n` samples of a (training) cache."
+    pairs, _ = t5_space_pairs(aligner, t5, t5_tokenizer, vlm_tokenizer, cache, n)
+    if not pairs: raise ValueError("no sample's answer tokens match T5's one to one; the readout needs corresponding tokens")
+    return fit_readout(*(torch.cat(rows) for rows in zip(*pairs)))
 
 # %% ../nbs/02c_training.ipynb #bdb72671
 def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tokenizer, vlm_tokenizer, t5_source: str,
