@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from .aligner import Aligner, apply_readout, fit_readout, init_norm_from_t5, t5_final_norm_weight
 from .features import FeatureCache, cache_complete, extract_features
 from .pretrain import fit, load_bank
@@ -119,7 +120,7 @@ def content_probe(train_cache, val_cache, rows: tuple = (0, 1, 2, 3, 4), max_tra
 def t5_space_pairs(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> tuple[list, int]:
     "Per sample whose answer tokens match T5's one to one: (aligned generated rows (L, d), T5 encoder states of the same tokens (L, d)); and the samples tried."
     pairs, tried = [], min(n, len(cache))
-    for i in range(tried):
+    for i in tqdm(range(tried), desc="T5-space pairs", leave=False):
         item = cache[i]
         ids = item["generated_ids"].tolist()
         answer = vlm_tokenizer.decode(ids, skip_special_tokens=True)
