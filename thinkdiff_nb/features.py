@@ -113,26 +113,25 @@ class FeatureCache:
     def __len__(self): return int(self.starts[-1])
     @property
     def width(self) -> int: return self.manifest["width"]
-    def _shard(self, k: int):
-        "Map shard k once, after checking its checksum: (arrays, prompt offsets, generated offsets, rows)."
+    def _shard(self, k: int) -> list[dict]:
+        "Map shard k once, after checking its checksum, and cut it into per-sample views (the reader's hot path)."
         if k not in self._open:
             path = self.root / self.shards[k]["file"]
             if not path.exists(): raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
             if sha256(path) != self.shards[k]["sha256"]:
                 raise ValueError(f"shard {path} is corrupt (SHA-256 mismatch); delete it and rerun extraction to rebuild it")
             tensors, metadata = memmap_safetensors(path)
-            # offsets as Python ints: indexing them per sample is the reader's hot path
-            self._open[k] = (tensors, tensors["prompt_offsets"].tolist(), tensors["generated_offsets"].tolist(),
-                             json.loads(metadata["rows"]))
+            po, go = tensors["prompt_offsets"].tolist(), tensors["generated_offsets"].tolist()
+            # views into the mapped shard, made once: slicing three tensors per sample per batch costs more than the read
+            self._open[k] = [{"prompt_features": tensors["prompt_features"][po[j]:po[j + 1]],
+                              "generated_features": tensors["generated_features"][go[j]:go[j + 1]],
+                              "generated_ids": tensors["generated_ids"][go[j]:go[j + 1]], **row}
+                             for j, row in enumerate(json.loads(metadata["rows"]))]
         return self._open[k]
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self): raise IndexError(f"sample {i} out of range for {len(self)} samples")
         k = bisect.bisect_right(self.starts, i) - 1
-        tensors, po, go, rows = self._shard(k)
-        j = i - self.starts[k]
-        return {"prompt_features": tensors["prompt_features"][po[j]:po[j + 1]],      # views into the mapped shard
-                "generated_features": tensors["generated_features"][go[j]:go[j + 1]],
-                "generated_ids": tensors["generated_ids"][go[j]:go[j + 1]], **rows[j]}
+        return dict(self._shard(k)[i - self.starts[k]])  # a copy: a caller's edits stay out of the cache
 
 # %% ../nbs/02b_features.ipynb #a1ebb6fb
 def cache_complete(root: str | Path) -> bool:
