@@ -66,8 +66,11 @@ READOUT_FILE = "t5_readout.safetensors"
 
 def fit_readout(aligned: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     "Least-squares affine map (d + 1, d_t5) from aligned rows (N, d) to T5 encoder states (N, d_t5); the last row is the offset."
-    ones = torch.ones(len(aligned), 1, dtype=aligned.dtype, device=aligned.device)
-    return torch.linalg.lstsq(torch.cat([aligned, ones], 1), states).solution
+    # float64: aligned rows are ill-conditioned (cond ~1e4 on the mini cache), and float32 lstsq truncates their rank
+    # differently from call to call, so repeat fits of the same rows disagreed by up to 0.45 per weight
+    ones = torch.ones(len(aligned), 1, dtype=torch.float64, device=aligned.device)
+    rows = torch.cat([aligned.double(), ones], 1)
+    return torch.linalg.lstsq(rows, states.double()).solution.to(states.dtype)
 
 def apply_readout(aligned: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
     "Aligned tokens (..., d) mapped by an affine readout to (..., d_t5)."
