@@ -4,13 +4,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from thinkdiff_nb.world import THEMES, render
-from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, description_messages, get_profile, load_t5, load_vlm, vlm_batch
+from thinkdiff_nb.world import THEMES, render, write_image_caption_set
+from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, description_messages, get_profile, load_t5, load_vlm, to_pixels, vlm_batch
 from thinkdiff_nb.aligner import Aligner, init_norm_from_t5, t5_final_norm_weight
 from thinkdiff_nb.features import FeatureCache, extract_features, generate_with_features, sha256
 import thinkdiff_nb.features as features_module
-from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn, make_example, split_point
-from thinkdiff_nb.pretrain import fit
+from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn, cache_pixels, make_example, split_point
+from thinkdiff_nb.pretrain import fit, load_bank
 
 NBS = Path(__file__).parents[1] / "nbs"
 
@@ -95,6 +95,16 @@ def test_cache_errors(tiny, tmp_path):
         Aligner(d_vlm=32, d_t5=32)(torch.zeros(1, 2, 7))
 
 
+def test_cache_pixels_are_the_described_images(tiny, tmp_path):
+    _, (vlm, processor), _ = tiny
+    root = write_image_caption_set(tmp_path / "data", 1, themes=[THEMES["color_object"]])
+    images, rows = load_bank(root, "train")
+    cache = extract_features(vlm, processor, images[:6], rows[:6], tmp_path / "f", shard_size=6, batch_size=6, max_new_tokens=4)
+    assert torch.equal(cache_pixels(cache, root, "train"), to_pixels(images[:6]))
+    with pytest.raises(ValueError, match="was not extracted from the validation split"):
+        cache_pixels(cache, root, "validation")
+
+
 def test_t5_init_copies_the_final_norm(tiny):
     profile, _, (t5, _) = tiny
     aligner = init_norm_from_t5(Aligner(32, 32), t5_final_norm_weight(profile.t5))
@@ -136,11 +146,13 @@ def _run_train(tmp_path, **params):
                                cwd=str(NBS), progress_bar=False, kernel_name="python3")
 
 
-@pytest.mark.parametrize("mode", ["generated-masked", "generated-full", "input"])
+@pytest.mark.parametrize("mode", ["generated-masked", "generated-full", "input", "generated-image"])
 def test_train_notebook_runs_in_every_mode(tmp_path, mode):
     _run_train(tmp_path, mode=mode)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["params"]["mode"] == mode and np.isfinite(metrics["metrics"]["heldout"]["loss"])
+    image_read = metrics["metrics"]["image_decoder_flow_loss"]  # only generated rows are read by the image decoder
+    assert image_read is None if mode == "input" else np.isfinite([image_read["aligned"], image_read["empty_prompt"]]).all()
     assert (tmp_path / "run" / "aligner" / "config.json").exists() and (tmp_path / "run" / "loss.png").exists()
     assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 4
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from .backbones import flow_matching_loss, to_pixels
 from .aligner import Aligner, apply_readout, fit_readout, init_norm_from_t5, t5_final_norm_weight
 from .features import FeatureCache, cache_complete, extract_features
 from .pretrain import fit, load_bank
@@ -15,11 +16,12 @@ from .world import write_image_caption_set
 
 # %% auto #0
 __all__ = ['MODES', 'split_point', 'make_example', 'collate', 'AlignerBatches', 'aligner_loss', 'aligner_loss_fn',
-           'continuation_metrics', 'content_probe', 't5_space_pairs', 't5_space_agreement', 't5_readout',
-           'train_aligner', 'feature_caches']
+           'continuation_metrics', 'cache_pixels', 'ImageBatches', 'image_loss_fn', 'image_loss_metrics',
+           'content_probe', 't5_space_pairs', 't5_space_agreement', 't5_readout', 'train_aligner', 'image_caption_root',
+           'feature_caches']
 
 # %% ../nbs/02c_training.ipynb #065af3e5
-MODES = ("generated-masked", "generated-full", "input")
+MODES = ("generated-masked", "generated-full", "input", "generated-image")
 
 def split_point(length: int, max_split: int, rng: random.Random) -> int:
     "ThinkDiff's split: uniform in [1, min(length - 1, max_split)], so neither side is empty (needs length >= 2)."
@@ -32,7 +34,7 @@ def make_example(item: dict, mode: str, rng: random.Random, vlm_tokenizer, max_s
     ids, generated = item["generated_ids"], item["generated_features"]
     def text(token_ids): return vlm_tokenizer.decode(token_ids, skip_special_tokens=True)
     if mode == "input": return item["prompt_features"][:max_input], text(ids)
-    if mode == "generated-full" or len(ids) < 2: return generated[:max_input], text(ids)
+    if mode in ("generated-full", "generated-image") or len(ids) < 2: return generated[:max_input], text(ids)
     s = split_point(len(ids), max_split, rng)
     return generated[:s], text(ids[s:])
 
@@ -82,6 +84,45 @@ def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 
         right += int((out.logits.argmax(-1).cpu()[keep] == labels[keep]).sum()); total += int(keep.sum())
         losses.append(out.loss.item())
     return {"loss": float(np.mean(losses)), "token_accuracy": right / total, "tokens": total}
+
+# %% ../nbs/02c_training.ipynb #524fbf56
+def cache_pixels(cache: FeatureCache, data_root, split: str = "train") -> torch.Tensor:
+    "The images (N, 3, H, W) in [-1, 1] a cache was extracted from, checked against the data set's index row by row."
+    images, rows = load_bank(data_root, split)
+    def key(row): return row["image"], row["caption"]
+    if [key(cache[i]) for i in range(len(cache))] != [key(r) for r in rows[:len(cache)]]:
+        raise ValueError(f"the feature cache at {cache.root} was not extracted from the {split} split at {data_root}, in order")
+    return to_pixels(images[:len(cache)])
+
+class ImageBatches:
+    "Random batches of (generated states zero-padded to n_rows (B, n_rows, d), the images they describe (B, 3, H, W))."
+    def __init__(self, cache: FeatureCache, pixels: torch.Tensor, batch_size: int = 32,
+                 n_rows: int | None = None):  # default: the cache's max_new_tokens, the rows inference generates
+        if len(pixels) != len(cache): raise ValueError(f"{len(pixels)} images for {len(cache)} cached samples; pass the images the cache was extracted from")
+        self.cache, self.pixels, self.bs = cache, pixels, batch_size
+        self.n_rows = n_rows or cache.manifest["params"]["max_new_tokens"]
+    def __call__(self, g: torch.Generator):
+        idx = torch.randint(len(self.cache), (self.bs,), generator=g).tolist()
+        features = torch.zeros(self.bs, self.n_rows, self.cache.width)
+        for j, i in enumerate(idx):
+            rows = self.cache[i]["generated_features"][:self.n_rows]
+            features[j, :len(rows)] = rows.float()
+        return features, self.pixels[idx]
+
+def image_loss_fn(decoder, pooled: torch.Tensor, batches: ImageBatches):
+    "A `fit` loss of any features -> tokens map: the frozen image decoder's flow matching; `pooled` is (1, d_pool)."
+    decoder.requires_grad_(False)
+    def loss(condition, g):
+        features, pixels = batches(g)
+        return flow_matching_loss(decoder, pixels.to(decoder.device), condition(features.to(decoder.device)),
+                                  pooled.to(decoder.device).expand(len(pixels), -1), generator=g)
+    return loss
+
+@torch.no_grad()
+def image_loss_metrics(condition, decoder, pooled, batches: ImageBatches, n_batches: int = 10, seed: int = 1234) -> dict:
+    "Held-out flow-matching loss of the image decoder on `condition(features)`, on fixed seeded batches and noise."
+    g, loss = torch.Generator().manual_seed(seed), image_loss_fn(decoder, pooled, batches)
+    return {"flow_loss": float(np.mean([loss(condition, g).item() for _ in range(n_batches)]))}
 
 # %% ../nbs/02c_training.ipynb #f1b883eb
 def _probe_table(cache, n: int, rows: tuple) -> tuple[dict, dict]:
@@ -151,14 +192,20 @@ def t5_readout(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: Feature
 def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tokenizer, vlm_tokenizer, t5_source: str,
                   out_dir, mode: str = "generated-masked", norm: str = "t5", steps: int = 1000, batch_size: int = 32,
                   lr: float = 1e-3, min_lr: float = 0.0, warmup: int = 100, weight_decay: float = 0.05, max_split: int = 128,
-                  ckpt_every: int = 250, eval_batches: int = 10, seed: int = 0) -> tuple[Aligner, list[float], dict]:
+                  ckpt_every: int = 250, eval_batches: int = 10, seed: int = 0,
+                  image: tuple | None = None,  # generated-image only: (decoder, pooled (1, d_pool), training pixels)
+                  ) -> tuple[Aligner, list[float], dict]:
     "Train one aligner; returns it, its per-step losses and its held-out continuation metrics."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     aligner = Aligner(train_cache.width, t5.config.d_model, norm=norm)
     if norm == "t5": init_norm_from_t5(aligner, t5_final_norm_weight(t5_source))
-    batches = AlignerBatches(train_cache, mode, vlm_tokenizer, t5_tokenizer, batch_size, max_split)
-    run = fit(aligner, aligner_loss_fn(t5, batches), steps, out_dir / "checkpoint.pt", lr=lr, warmup=warmup,
+    if mode == "generated-image":
+        if image is None: raise ValueError("mode 'generated-image' trains on the image decoder: pass image=(decoder, pooled, training pixels)")
+        decoder, pooled, pixels = image
+        loss_fn = image_loss_fn(decoder, pooled, ImageBatches(train_cache, pixels, batch_size))
+    else: loss_fn = aligner_loss_fn(t5, AlignerBatches(train_cache, mode, vlm_tokenizer, t5_tokenizer, batch_size, max_split))
+    run = fit(aligner, loss_fn, steps, out_dir / "checkpoint.pt", lr=lr, warmup=warmup,
               weight_decay=weight_decay, ckpt_every=ckpt_every, seed=seed, desc=f"aligner {mode} norm={norm}",
               log_csv=out_dir / "loss.csv", min_lr=min_lr)
     aligner.save_pretrained(out_dir / "aligner")
@@ -166,17 +213,21 @@ def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tok
     return aligner, run.losses, continuation_metrics(aligner, t5, val, eval_batches, seed=seed + 1)
 
 # %% ../nbs/02c_training.ipynb #e5850c8e
+def image_caption_root(data_root, render_if_missing: bool = True, images_per_pair: int = 1, seed: int = 0) -> Path:
+    "`data_root`, after rendering a MiniCoBSAT image-caption set into it if it holds none and `render_if_missing`."
+    data_root = Path(data_root)
+    if render_if_missing and not (data_root / "train.jsonl").exists(): write_image_caption_set(data_root, images_per_pair, seed=seed)
+    return data_root
+
 def feature_caches(vlm, processor, cache_dir, data_root, render_if_missing: bool = True, images_per_pair: int = 1,
                    max_images: int = 0, validation_samples: int = 256, max_new_tokens: int = 24, batch_size: int = 64,
                    seed: int = 0, image_size: int | None = 32) -> dict[str, FeatureCache]:
     "The train and validation caches under `cache_dir`, extracted from the image-caption set at `data_root` if needed."
-    caches, data_root = {}, Path(data_root)
+    caches = {}
     for split in ("train", "validation"):
         root = Path(cache_dir) / split
         if not cache_complete(root):
-            if render_if_missing and not (data_root / "train.jsonl").exists():
-                write_image_caption_set(data_root, images_per_pair, seed=seed)
-            images, rows = load_bank(data_root, split)
+            images, rows = load_bank(image_caption_root(data_root, render_if_missing, images_per_pair, seed), split)
             n = min(len(rows), max_images or len(rows)) if split == "train" else min(len(rows), validation_samples)
             extract_features(vlm, processor, images[:n], rows[:n], root, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              seed=seed + (split == "validation"), image_size=image_size)

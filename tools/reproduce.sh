@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the mini profile: features, the three aligners, the RMSNorm ablation, CoBSAT and a generation
 # example, each notebook executed by papermill into outputs/<run-id>/ with its figures, tables and metrics.json.
+# CoBSAT also scores the shipped image-loss aligner (beyond the paper; params/train_image_mini.yaml retrains it).
 set -euo pipefail
 run_id=${1:?usage: tools/reproduce.sh RUN_ID}
 run=outputs/$run_id
@@ -12,16 +13,17 @@ r=../$run  # papermill runs in nbs/
 # The three aligners train 3,000 steps each, half of train_mini.yaml's full run (held-out continuation 0.956 at 6,000),
 # with the same budget for all three so that the ablation compares like with like; this keeps the chain under 30 min.
 steps=3000
+data=$r/train-masked/data  # the image-caption set the first run renders; the later runs read its images
 
 echo "== 1/6 ThinkDiff-LVLM aligner (features, masked training, T5-init norm)"
 pm nbs/03_train.ipynb "$run/03_train_masked.ipynb" -f params/train_mini.yaml -p steps "$steps" \
    -p feature_cache "$r/features" -p output_dir "$r/train-masked"
 echo "== 2/6 no-masking ablation"
 pm nbs/03_train.ipynb "$run/03_train_full.ipynb" -f params/train_mini.yaml -p steps "$steps" -p mode generated-full \
-   -p feature_cache "$r/features" -p output_dir "$r/train-full"
+   -p feature_cache "$r/features" -p data_dir "$data" -p output_dir "$r/train-full"
 echo "== 3/6 input-token ablation"
 pm nbs/03_train.ipynb "$run/03_train_input.ipynb" -f params/train_mini.yaml -p steps "$steps" -p mode input \
-   -p feature_cache "$r/features" -p output_dir "$r/train-input"
+   -p feature_cache "$r/features" -p data_dir "$data" -p output_dir "$r/train-input"
 echo "== 4/6 RMSNorm ablation"
 pm nbs/04_rmsnorm_ablation.ipynb "$run/04_rmsnorm_ablation.ipynb" -f params/rmsnorm_mini.yaml \
    -p feature_cache "$r/features" -p output_dir "$r/rmsnorm"
