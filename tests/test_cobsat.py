@@ -18,7 +18,7 @@ NBS = Path(__file__).parents[1] / "nbs"
 def aligners(tmp_path_factory):
     root = tmp_path_factory.mktemp("aligners")
     torch.manual_seed(0)
-    for name in ("masked", "full", "input"):
+    for name in ("masked", "full", "input", "image"):
         Aligner(32, 32).save_pretrained(root / name)
     save_readout(torch.eye(33, 32) + 0.01 * torch.randn(33, 32), root / "masked")  # as 03_train writes beside a generated-token aligner
     return root
@@ -27,7 +27,7 @@ def aligners(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_td(aligners):
     return ThinkDiff.load(get_profile("tiny-random"), {n: (aligners / n, "input" if n == "input" else "generated")
-                                                       for n in ("masked", "full", "input")})
+                                                       for n in ("masked", "full", "input", "image")})
 
 
 def test_inference_path_end_to_end(tiny_td):
@@ -40,7 +40,7 @@ def test_inference_path_end_to_end(tiny_td):
         lengths[method] = embeds.shape[1]
         images = draw(tiny_td, embeds, steps=2)
         assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
-    assert lengths["thinkdiff"] == lengths["no-masking"] == 6
+    assert lengths["thinkdiff"] == lengths["no-masking"] == lengths["image-loss"] == 6
     assert lengths["hybrid"] == lengths["thinkdiff"] + lengths["text-bridge"]  # aligned tokens first, then T5 text
     hybrid = conditioning(tiny_td, "hybrid", prompts, responses)
     aligned = conditioning(tiny_td, "thinkdiff", prompts, responses)
@@ -79,9 +79,8 @@ def test_evaluation_is_deterministic_and_resumable(tiny_td, tmp_path):
 
 def _run_cobsat(tmp_path, aligners, name, **params):
     import papermill as pm
-    base = dict(profile="tiny-random", aligner_masked=str(aligners / "masked"), aligner_full=str(aligners / "full"),
-                aligner_input=str(aligners / "input"), n_prompts=2, n_tokens=4, sample_steps=2, shots=[2],
-                output_dir=str(tmp_path / name))
+    base = dict(profile="tiny-random", **{f"aligner_{n}": str(aligners / n) for n in ("masked", "full", "input", "image")},
+                n_prompts=2, n_tokens=4, sample_steps=2, shots=[2], output_dir=str(tmp_path / name))
     pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / f"{name}.ipynb"), parameters={**base, **params},
                         cwd=str(NBS), progress_bar=False, kernel_name="python3")
     return tmp_path / name

@@ -14,7 +14,7 @@ from .features import generate_with_features
 from .pretrain import TEXT_LENGTH, oracle_prompt
 
 # %% auto #0
-__all__ = ['ALIGNER_METHODS', 'METHODS', 'ThinkDiff', 'respond', 'conditioning', 'draw']
+__all__ = ['ALIGNER_METHODS', 'METHODS', 'ThinkDiff', 'respond', 'aligners_needed', 'conditioning', 'draw']
 
 # %% ../nbs/02d_inference.ipynb #7fd9a9f9
 @dataclass
@@ -71,8 +71,13 @@ def _aligned(td: ThinkDiff, name: str, responses: list[dict]) -> torch.Tensor:
     for i, f in enumerate(feats): batch[i, :len(f)] = f
     with torch.no_grad(): return aligner(batch.to(aligner.device))
 
-ALIGNER_METHODS = {"thinkdiff": "masked", "no-masking": "full", "input-tokens": "input"}
-METHODS = ("thinkdiff", "no-masking", "input-tokens", "thinkdiff-readout", "text-bridge", "hybrid", "query-only", "oracle")
+ALIGNER_METHODS = {"thinkdiff": "masked", "no-masking": "full", "input-tokens": "input", "image-loss": "image"}
+METHODS = ("thinkdiff", "no-masking", "input-tokens", "thinkdiff-readout", "image-loss", "text-bridge", "hybrid", "query-only",
+           "oracle")
+
+def aligners_needed(methods) -> set[str]:
+    "The aligners, by name, that a list of methods reads."
+    return {ALIGNER_METHODS[m] for m in methods if m in ALIGNER_METHODS} | ({"masked"} if {"hybrid", "thinkdiff-readout"} & set(methods) else set())
 
 def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> torch.Tensor:
     "Decoder tokens (B, L, d) of a method for a batch of prompts and the VLM's responses to them."
