@@ -68,6 +68,7 @@ def fit_readout(aligned: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     "Least-squares affine map (d + 1, d_t5) from aligned rows (N, d) to T5 encoder states (N, d_t5); the last row is the offset."
     # float64: aligned rows are ill-conditioned (cond ~1e4 on the mini cache), and float32 lstsq truncates their rank
     # differently from call to call, so repeat fits of the same rows disagreed by up to 0.45 per weight
+    if len(aligned) != len(states): raise ValueError(f"{len(aligned)} aligned rows but {len(states)} T5 states; the readout needs one state per row")
     ones = torch.ones(len(aligned), 1, dtype=torch.float64, device=aligned.device)
     rows = torch.cat([aligned.double(), ones], 1)
     return torch.linalg.lstsq(rows, states.double()).solution.to(states.dtype)
