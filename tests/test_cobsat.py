@@ -103,3 +103,11 @@ def test_cobsat_notebook_rejects_bad_parameters(tmp_path, aligners):
         _run_cobsat(tmp_path, aligners, "bad", shots=[3])
     with pytest.raises(pm.PapermillExecutionError, match="no trained aligner"):
         _run_cobsat(tmp_path, aligners, "missing", aligner_full=str(tmp_path / "nowhere"))
+
+
+def test_generate_notebook_names_an_aligner_it_does_not_load(tmp_path):
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match=r"needs the \['full'\] aligner"):
+        pm.execute_notebook(str(NBS / "06_generate.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NBS), progress_bar=False,
+                            parameters=dict(profile="tiny-random", methods=["no-masking"], output_dir=str(tmp_path / "gen")),
+                            kernel_name="python3")
