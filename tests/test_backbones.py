@@ -42,25 +42,27 @@ def test_mini_profile_loads_shipped_weights():
         assert np.mean([g == p for g, p in zip(got, pairs)]) >= 0.95
 
 
-def test_paper_profile_names_the_real_checkpoints(monkeypatch):
+def test_paper_profile_asks_for_the_real_checkpoints(monkeypatch):
+    "No hub here: every paper loader is stopped at its from_pretrained call, which must name the paper's checkpoint."
     paper = get_profile("paper")
-    assert (paper.t5, paper.decoder, paper.vlm, paper.text_width) == (
-        "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", "Qwen/Qwen2-VL-7B-Instruct", 4096)
+    assert (paper.t5, paper.decoder, paper.vlm, paper.text_width, paper.kind) == (
+        "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", "Qwen/Qwen2-VL-7B-Instruct", 4096, "paper")
     asked = []
-    def offline(cls, name, *args, **kwargs):  # no hub here: record what the loader asks for, then fail as offline would
-        asked.append((cls.__name__, name, kwargs.get("subfolder")))
+    def offline(cls, name, *args, **kwargs):
+        asked.append((cls.__name__, name))
         raise OSError(f"offline: {name}")
-    import thinkdiff_nb.backbones as backbones
-    for cls in (backbones.T5ForConditionalGeneration, backbones.FluxTransformer2DModel, backbones.Qwen2VLForConditionalGeneration):
+    import thinkdiff_nb.backbones as backbones, thinkdiff_nb.image_decoders as image_decoders
+    for cls in (backbones.T5ForConditionalGeneration, backbones.ImageOnlyQwen2VLProcessor, image_decoders.FluxPipeline):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(offline))
-    for loader in (load_t5, load_decoder, backbones.load_vlm):
+    for loader in (load_t5, backbones.load_vlm, image_decoders.load_image_decoder):
         with pytest.raises(OSError, match="offline"):
             loader("paper")
-    assert asked == [("T5ForConditionalGeneration", "google/flan-t5-xxl", None),
-                     ("FluxTransformer2DModel", "black-forest-labs/FLUX.1-dev", "transformer"),
-                     ("Qwen2VLForConditionalGeneration", "Qwen/Qwen2-VL-7B-Instruct", None)]
+    assert asked == [("T5ForConditionalGeneration", "google/flan-t5-xxl"), ("ImageOnlyQwen2VLProcessor", "Qwen/Qwen2-VL-7B-Instruct"),
+                     ("FluxPipeline", "black-forest-labs/FLUX.1-dev")]
     with pytest.raises(ValueError, match="no judge"):
         load_judge("paper")
+    with pytest.raises(ValueError, match="FluxPipeline"):
+        load_decoder("paper")
 
 
 def test_save_load_round_trips_are_bit_equal(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 5's benchmark (not a test): prints, from one run on one machine,
+"""Feature capture and the feature cache, timed (a benchmark, not a test): prints, from one run on one machine,
 1. extraction with feature capture (forward hook on the final norm; generate's hidden states) against plain `generate`
    on the same prompts and sampling seeds (target: at most 1.10), and
 2. aligner training step time reading the memory-mapped feature cache against the same batches already in memory
