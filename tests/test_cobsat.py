@@ -8,7 +8,7 @@ import torch
 from thinkdiff_nb.world import TASKS, task_prompts
 from thinkdiff_nb.backbones import get_profile, load_judge
 from thinkdiff_nb.aligner import Aligner, save_readout
-from thinkdiff_nb.inference import METHODS, ThinkDiff, conditioning, draw, respond
+from thinkdiff_nb.inference import METHODS, ThinkDiff, conditioning, respond
 from thinkdiff_nb.cobsat import accuracy_table, evaluate, score
 
 NBS = Path(__file__).parents[1] / "nbs"
@@ -26,8 +26,7 @@ def aligners(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_td(aligners):
-    return ThinkDiff.load(get_profile("tiny-random"), {n: (aligners / n, "input" if n == "input" else "generated")
-                                                       for n in ("masked", "full", "input", "image")})
+    return ThinkDiff.load(get_profile("tiny-random"), {n: aligners / n for n in ("masked", "full", "input", "image")})
 
 
 def test_inference_path_end_to_end(tiny_td):
@@ -36,17 +35,17 @@ def test_inference_path_end_to_end(tiny_td):
     assert all(r["generated_features"].shape == (6, 32) for r in responses)  # EOS ignored: always n_tokens states
     lengths = {}
     for method in METHODS:
-        embeds = conditioning(tiny_td, method, prompts, responses)
+        embeds, pooled = conditioning(tiny_td, method, prompts, responses)
         lengths[method] = embeds.shape[1]
-        images = draw(tiny_td, embeds, steps=2)
+        images = tiny_td.decoder.draw(embeds, pooled, steps=2)
         assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     assert lengths["thinkdiff"] == lengths["no-masking"] == lengths["image-loss"] == 6
     assert lengths["hybrid"] == lengths["thinkdiff"] + lengths["text-bridge"]  # aligned tokens first, then T5 text
-    hybrid = conditioning(tiny_td, "hybrid", prompts, responses)
-    aligned = conditioning(tiny_td, "thinkdiff", prompts, responses)
+    hybrid = conditioning(tiny_td, "hybrid", prompts, responses)[0]
+    aligned = conditioning(tiny_td, "thinkdiff", prompts, responses)[0]
     assert torch.allclose(hybrid[:, :6], aligned)
     readout = tiny_td.readouts["masked"]
-    assert torch.allclose(conditioning(tiny_td, "thinkdiff-readout", prompts, responses), aligned @ readout[:-1] + readout[-1])
+    assert torch.allclose(conditioning(tiny_td, "thinkdiff-readout", prompts, responses)[0], aligned @ readout[:-1] + readout[-1])
     with pytest.raises(ValueError, match="unknown method"):
         conditioning(tiny_td, "magic", prompts, responses)
 

@@ -9,7 +9,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 from .world import TASKS, THEMES, parse_pair, task_prompts
 from .backbones import judge_pairs
-from .inference import METHODS, ThinkDiff, conditioning, draw, respond
+from .inference import METHODS, ThinkDiff, conditioning, respond
 from .pretrain import is_heldout_pair
 
 # %% auto #0
@@ -26,8 +26,11 @@ def score(predicted: list[tuple], prompts) -> pd.DataFrame:
 
 # %% ../nbs/02e_cobsat.ipynb #9fb3bf8d
 def evaluate_task(td: ThinkDiff, judge, task, shot: int, n_prompts: int, methods=METHODS, n_tokens: int = 24,
-                  steps: int = 20, guidance: float = 4.0, seed: int = 0, batch_size: int = 100) -> tuple[pd.DataFrame, dict]:
+                  steps: int = 0, guidance: float = 0.0, seed: int = 0, batch_size: int = 100,
+                  size: int = 0,  # side of the drawn images; 0: the profile's CoBSAT size
+                  ) -> tuple[pd.DataFrame, dict]:
     "Per-prompt records of every method on one task and shot, and the first images and answers for figures."
+    size = size or td.profile.cobsat_size
     prompts = task_prompts(task, shot, n_prompts)
     base = seed * 1000 + task.id * 10 + shot
     responses = respond(td, prompts, n_tokens, seed=base)
@@ -38,8 +41,8 @@ def evaluate_task(td: ThinkDiff, judge, task, shot: int, n_prompts: int, methods
     for method in methods:
         images = []
         for i in range(0, len(prompts), batch_size):
-            embeds = conditioning(td, method, prompts[i:i + batch_size], responses[i:i + batch_size])
-            images.append(draw(td, embeds, steps, guidance, seed=base + i))
+            embeds, pooled = conditioning(td, method, prompts[i:i + batch_size], responses[i:i + batch_size])
+            images.append(td.decoder.draw(embeds, pooled, steps, guidance, seed=base + i, size=size))
         images = np.concatenate(images)
         examples[method] = images[:8]
         frames.append(score(judge_pairs(judge, images, task.theme), prompts).assign(method=method))

@@ -3,46 +3,44 @@
 # %% ../nbs/02d_inference.ipynb #c8a6638f
 from __future__ import annotations
 from dataclasses import dataclass, field
-from pathlib import Path
-import numpy as np
 import torch
 from .world import InContextPrompt, display_word
-from .backbones import (Profile, get_profile, load_t5, load_vlm, load_decoder, icl_messages, encode_text,
-                                    empty_pooled, sample_images, to_uint8)
-from .aligner import Aligner, apply_readout, load_readout
+from .backbones import Profile, as_profile, icl_messages, load_vlm
+from .image_decoders import ImageDecoder, load_image_decoder
+from .aligner import apply_readout, load_aligner, load_readout
 from .features import generate_with_features
-from .pretrain import TEXT_LENGTH, oracle_prompt
+from .pretrain import oracle_prompt
 
 # %% auto #0
-__all__ = ['ALIGNER_METHODS', 'METHODS', 'ThinkDiff', 'respond', 'aligners_needed', 'conditioning', 'draw']
+__all__ = ['ALIGNER_STATES', 'ALIGNER_METHODS', 'METHODS', 'ThinkDiff', 'respond', 'aligners_needed', 'conditioning']
 
 # %% ../nbs/02d_inference.ipynb #7fd9a9f9
+ALIGNER_STATES = {"masked": "generated", "full": "generated", "input": "input", "image": "generated"}  # what each reads
+
 @dataclass
 class ThinkDiff:
-    "A profile's backbones and trained aligners: everything inference needs."
+    "A profile's VLM, image decoder and trained aligners: everything inference needs."
     profile: Profile
     vlm: object
     processor: object
-    t5: object
-    t5_tokenizer: object
-    decoder: object
-    aligners: dict = field(default_factory=dict)  # name -> (Aligner, "generated" | "input")
+    decoder: ImageDecoder
+    aligners: dict = field(default_factory=dict)  # name -> Aligner
     readouts: dict = field(default_factory=dict)  # name -> affine T5 readout of an aligner that has one (a diagnostic)
     @classmethod
-    def load(cls, profile: Profile | str, aligners: dict | None = None, device="cpu") -> "ThinkDiff":
-        "Load a profile's backbones and aligners given as {name: (folder, 'generated' | 'input')}."
-        profile = get_profile(profile) if isinstance(profile, str) else profile
-        vlm, processor = load_vlm(profile, device); t5, tok = load_t5(profile, device)
-        loaded, readouts = {}, {}
-        for name, (folder, states) in (aligners or {}).items():
-            if states not in ("generated", "input"): raise ValueError(f"aligner {name!r} reads {states!r}; use 'generated' or 'input'")
-            loaded[name] = (Aligner.from_pretrained(folder).to(device).eval(), states)
-            if (readout := load_readout(folder)) is not None: readouts[name] = readout.to(device)
-        return cls(profile, vlm, processor, t5, tok, load_decoder(profile, device), loaded, readouts)
+    def load(cls, profile: Profile | str, aligners: dict | None = None,  # {name: folder or .pth}
+             device="cpu", dtype=torch.float32, cpu_offload: bool = False, text_length: int = 0) -> "ThinkDiff":
+        "Load a profile's VLM and image decoder onto `device`, and the named aligners (kept in float32, as trained)."
+        profile = as_profile(profile)
+        unknown = set(aligners or {}) - set(ALIGNER_STATES)
+        if unknown: raise ValueError(f"unknown aligner names {sorted(unknown)}; names are {list(ALIGNER_STATES)}")
+        loaded = {name: load_aligner(path).to(device).eval() for name, path in (aligners or {}).items()}
+        readouts = {name: r.to(device) for name, path in (aligners or {}).items() if (r := load_readout(path)) is not None}
+        vlm, processor = load_vlm(profile, device, dtype)
+        return cls(profile, vlm, processor, load_image_decoder(profile, device, dtype, cpu_offload, text_length), loaded, readouts)
 
 # %% ../nbs/02d_inference.ipynb #74a6ca2f
 def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, seed: int = 0, image_seed: int = 10 ** 6,
-            batch_size: int = 64, image_size: int | None = 32) -> list[dict]:
+            batch_size: int = 64) -> list[dict]:
     "Per prompt: prompt states, `n_tokens` generated states, and the answer text up to EOS."
     eos, out = td.processor.tokenizer.eos_token_id, []
     for i in range(0, len(prompts), batch_size):
@@ -50,7 +48,7 @@ def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, s
         torch.manual_seed(seed + i)
         samples = generate_with_features(td.vlm, td.processor, [icl_messages(p.texts) for p in chunk],
                                          [p.images(seed=image_seed + p.index) for p in chunk], n_tokens,
-                                         ignore_eos=True, image_size=image_size)
+                                         ignore_eos=True, image_size=td.profile.image_size)
         for s in samples:
             ids = s["generated_ids"].tolist()
             s["answer"] = td.processor.tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
@@ -58,14 +56,11 @@ def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, s
     return out
 
 # %% ../nbs/02d_inference.ipynb #e0095677
-def _t5_text(td: ThinkDiff, texts: list[str]) -> torch.Tensor:
-    return encode_text(td.t5, td.t5_tokenizer, texts, TEXT_LENGTH)
-
 def _aligned(td: ThinkDiff, name: str, responses: list[dict]) -> torch.Tensor:
     "An aligner's tokens (B, L, d) for a batch; prompts of different lengths are right-padded with zeros first."
     if name not in td.aligners: raise KeyError(f"no aligner called {name!r}; loaded: {sorted(td.aligners)}")
-    aligner, states = td.aligners[name]
-    feats = [r["prompt_features" if states == "input" else "generated_features"] for r in responses]
+    aligner = td.aligners[name]
+    feats = [r["prompt_features" if ALIGNER_STATES[name] == "input" else "generated_features"] for r in responses]
     length = max(len(f) for f in feats)
     batch = torch.zeros(len(feats), length, feats[0].shape[-1])
     for i, f in enumerate(feats): batch[i, :len(f)] = f
@@ -79,20 +74,17 @@ def aligners_needed(methods) -> set[str]:
     "The aligners, by name, that a list of methods reads."
     return {ALIGNER_METHODS[m] for m in methods if m in ALIGNER_METHODS} | ({"masked"} if {"hybrid", "thinkdiff-readout"} & set(methods) else set())
 
-def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> torch.Tensor:
-    "Decoder tokens (B, L, d) of a method for a batch of prompts and the VLM's responses to them."
-    if method in ALIGNER_METHODS: return _aligned(td, ALIGNER_METHODS[method], responses)
+def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    "(decoder tokens (B, L, d), pooled vectors (B, d_pool)) of a method for a batch of prompts and the VLM's responses."
+    text = td.decoder.encode_prompt
+    if method in ALIGNER_METHODS: return _aligned(td, ALIGNER_METHODS[method], responses), td.decoder.empty_pooled(len(responses))
     if method == "thinkdiff-readout":
         if "masked" not in td.readouts: raise KeyError("the masked aligner has no T5 readout; 03_train saves one beside its weights")
-        return apply_readout(_aligned(td, "masked", responses), td.readouts["masked"])
-    if method == "text-bridge": return _t5_text(td, [r["answer"] for r in responses])
-    if method == "hybrid": return torch.cat([_aligned(td, "masked", responses), _t5_text(td, [r["answer"] for r in responses])], 1)
-    if method == "query-only": return _t5_text(td, [display_word(p.xs[-1]) for p in prompts])
-    if method == "oracle": return _t5_text(td, [oracle_prompt(p.task.theme, *p.target) for p in prompts])
+        return apply_readout(_aligned(td, "masked", responses), td.readouts["masked"]), td.decoder.empty_pooled(len(responses))
+    if method == "text-bridge": return text([r["answer"] for r in responses])
+    if method == "hybrid":
+        embeds, pooled = text([r["answer"] for r in responses])
+        return torch.cat([_aligned(td, "masked", responses).to(embeds), embeds], 1), pooled
+    if method == "query-only": return text([display_word(p.xs[-1]) for p in prompts])
+    if method == "oracle": return text([oracle_prompt(p.task.theme, *p.target) for p in prompts])
     raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
-
-@torch.no_grad()
-def draw(td: ThinkDiff, embeds: torch.Tensor, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> np.ndarray:
-    "uint8 images (B, H, W, 3) from decoder tokens, with the empty prompt's pooled input and as the unconditional branch."
-    pooled = empty_pooled(td.t5, td.t5_tokenizer, len(embeds))
-    return to_uint8(sample_images(td.decoder, embeds, pooled, _t5_text(td, [""]), steps=steps, guidance=guidance, seed=seed))
