@@ -143,7 +143,7 @@ def _run_train(tmp_path, **params):
     base = dict(profile="tiny-random", steps=3, batch_size=4, max_images=12, eval_batches=1, ckpt_every=2, warmup=1,
                 max_new_tokens=5, extract_batch_size=12, output_dir=str(tmp_path / "run"))
     return pm.execute_notebook(str(NBS / "03_train.ipynb"), str(tmp_path / "out.ipynb"), parameters={**base, **params},
-                               cwd=str(NBS), progress_bar=False, kernel_name="python3")
+                               progress_bar=False, kernel_name="python3")
 
 
 @pytest.mark.parametrize("mode", ["generated-masked", "generated-full", "input", "generated-image"])

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from .backbones import DESCRIBE_INSTRUCTIONS, description_messages, vlm_batch
+from .backbones import DESCRIBE_INSTRUCTIONS, description_messages, process_state, vlm_batch
 
 # %% auto #0
-__all__ = ['CAPTURES', 'MANIFEST', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'write_shard',
+__all__ = ['CAPTURES', 'MANIFEST', 'ENTRY', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'write_shard',
            'memmap_safetensors', 'FeatureCache', 'cache_complete', 'weights_digest', 'extract_features']
 
 # %% ../nbs/02b_features.ipynb #db7fc507
@@ -148,10 +148,21 @@ def weights_digest(model) -> str:
     sums = torch.stack([p.detach().double().sum().cpu() for p in model.parameters()])
     return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
 
+ENTRY = "{}.entry.json"  # a finished shard's manifest entry, written by the process that made it
+
+def _merge_entries(root: Path, manifest: dict):
+    "Move the entries of finished shards into the manifest (sorted by shard) and write it; the main process does this."
+    entries = {p: json.loads(p.read_text()) for p in root.glob(ENTRY.format("*"))}
+    listed = {s["file"] for s in manifest["shards"]}
+    manifest["shards"] = sorted(manifest["shards"] + [e for e in entries.values() if e["file"] not in listed], key=lambda s: s["file"])
+    _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
+    for p in entries: p.unlink()
+
 def extract_features(model, processor, images, rows: list[dict], root: str | Path, shard_size: int = 1024,
                      batch_size: int = 64, max_new_tokens: int = 24, seed: int = 0, image_size: int | None = 32) -> FeatureCache:
-    "Extract (or finish extracting) the features of `images` with their data-set `rows` into a shard folder."
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    "Extract (or finish extracting) the features of `images` with their data-set `rows` into a shard folder, shards split over processes."
+    root, state = Path(root), process_state()
+    root.mkdir(parents=True, exist_ok=True)
     params = {"samples": len(rows), "shard_size": shard_size, "max_new_tokens": max_new_tokens, "seed": seed,
               "temperature": 0.6, "top_p": 0.9, "model": str(getattr(model.config, "_name_or_path", "")),
               "weights": weights_digest(model)}  # retrained weights at the same path must not reuse old features
@@ -163,9 +174,12 @@ def extract_features(model, processor, images, rows: list[dict], root: str | Pat
             raise ValueError(f"{root} holds features extracted with {old['params']} (width {old['width']}); "
                              f"asked for {params} (width {width}): use another folder")
         manifest = old
-    done = {s["file"] for s in manifest["shards"]}
+    elif state.is_main_process: _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))  # params first
+    state.wait_for_everyone()
+    done = {s["file"] for s in manifest["shards"]} | {json.loads(p.read_text())["file"] for p in root.glob(ENTRY.format("*"))}
     n_shards = -(-len(rows) // shard_size)
-    for k in tqdm(range(n_shards), desc="feature shards"):
+    mine = range(state.process_index, n_shards, state.num_processes)  # process r makes shards r, r + N, r + 2N, ...
+    for k in tqdm(mine, desc="feature shards", disable=not state.is_main_process):
         name = f"shard-{k:05d}.safetensors"
         if name in done: continue
         rng, lo = random.Random(seed * 100_003 + k), k * shard_size
@@ -179,6 +193,9 @@ def extract_features(model, processor, images, rows: list[dict], root: str | Pat
                                               image_size=image_size)
         for r, s in zip(shard_rows, samples): r["text"] = s["text"]
         write_shard(root / name, samples, shard_rows)
-        manifest["shards"].append({"file": name, "samples": len(shard_rows), "sha256": sha256(root / name)})
-        _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
+        _atomic_write_text(root / ENTRY.format(name), json.dumps({"file": name, "samples": len(shard_rows), "sha256": sha256(root / name)}))
+        if state.is_main_process: _merge_entries(root, manifest)
+    state.wait_for_everyone()
+    if state.is_main_process: _merge_entries(root, manifest)
+    state.wait_for_everyone()
     return FeatureCache(root, width)

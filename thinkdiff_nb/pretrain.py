@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from .world import AXES, THEMES, TASKS, ImageCaptionSet, as_theme, caption, caption_variants, describe, display_word, parse_value, render
-from .backbones import (Judge, encode_text, empty_pooled, flow_matching_loss, judge_pairs, sample_images,
-                                    sentinels, to_pixels, to_uint8)
+from .backbones import (Judge, encode_text, empty_pooled, flow_matching_loss, judge_pairs, process_state,
+                                    sample_images, sentinels, to_pixels, to_uint8)
 
 # %% auto #0
 __all__ = ['TEXT_LENGTH', 'DESCRIPTION_FRAMES', 'atomic_torch_save', 'param_groups', 'write_loss_csv', 'FitResult', 'fit',
@@ -53,37 +53,47 @@ def fit(model, loss_fn, steps: int, ckpt_path: Path, lr: float = 1e-3, warmup: i
         desc: str = "training", log_csv: Path | None = None, min_lr: float = 0.0):
     "Train `model` for `steps` on `loss_fn(model, generator)` through accelerate, resuming from `ckpt_path`."
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
+    process_state()  # first: without CUDA, the processes of `accelerate launch` join one gloo group
     accelerator, ckpt_path = Accelerator(), Path(ckpt_path)
+    rank, world = accelerator.process_index, accelerator.num_processes
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, steps, min_lr=min_lr)  # linear warm-up, cosine to min_lr
+    # linear warm-up, cosine to min_lr; stepped here once per optimiser step (accelerate's wrapper steps once per process)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, steps, min_lr=min_lr)
     ema = EMAModel(model.parameters(), decay=ema_decay) if ema_decay else None
-    g, losses, lrs, start, seconds = torch.Generator().manual_seed(seed + accelerator.process_index), [], [], 0, 0.0
+    # every process seeds its data generator alike: each draws the same global batch and computes its own share of it
+    g, losses, lrs, start, seconds = torch.Generator().manual_seed(seed), [], [], 0, 0.0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)
+        if len(state["generators"]) != world:
+            raise ValueError(f"{ckpt_path} was written by {len(state['generators'])} processes; resume it with as many, not {world}")
         model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"]); sched.load_state_dict(state["scheduler"])
         if ema: ema.load_state_dict(state["ema"])
-        g.set_state(state["generator"]); torch.set_rng_state(state["torch_rng"])
-        losses, lrs, start, seconds = state["losses"], state.get("lrs", []), state["step"], state.get("seconds", 0.0)
-    wrapped, opt, sched = accelerator.prepare(model, opt, sched)
+        g.set_state(state["generators"][rank]); torch.set_rng_state(state["torch_rngs"][rank])
+        losses, lrs, start, seconds = state["losses"], state["lrs"], state["step"], state["seconds"]
+    wrapped, opt = accelerator.prepare(model, opt)
     def save(step):
-        if not accelerator.is_main_process: return
-        atomic_torch_save({"model": accelerator.unwrap_model(wrapped).state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema else None, "generator": g.get_state(),
-                           "torch_rng": torch.get_rng_state(), "losses": losses, "lrs": lrs, "step": step,
-                           "seconds": seconds + time.time() - t0}, ckpt_path)
-        if log_csv: write_loss_csv(Path(log_csv), losses, lrs)
+        generators, torch_rngs = gather_object([g.get_state()]), gather_object([torch.get_rng_state()])  # one per process
+        if accelerator.is_main_process:
+            atomic_torch_save({"model": accelerator.unwrap_model(wrapped).state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema else None, "generators": generators,
+                               "torch_rngs": torch_rngs, "losses": losses, "lrs": lrs, "step": step,
+                               "seconds": seconds + time.time() - t0}, ckpt_path)
+            if log_csv: write_loss_csv(Path(log_csv), losses, lrs)
+        accelerator.wait_for_everyone()
     wrapped.train()
     t0 = time.time()
-    for step in (bar := tqdm(range(start, steps), desc=desc, initial=start, total=steps)):
+    for step in (bar := tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not accelerator.is_main_process)):
         loss = loss_fn(wrapped, g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; the last good checkpoint is {ckpt_path}")
+        global_loss = accelerator.reduce(loss.detach(), "mean").item()  # the mean over the global batch (see AlignerBatches)
+        if not math.isfinite(global_loss):
+            raise FloatingPointError(f"{desc}: loss is {global_loss} at step {step}; the last good checkpoint is {ckpt_path}")
         accelerator.backward(loss)
         if clip: accelerator.clip_grad_norm_(wrapped.parameters(), clip)
         lrs.append(sched.get_last_lr()[0])
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
         if ema: ema.step(model.parameters())
-        losses.append(loss.item())
+        losses.append(global_loss)
         if step % 20 == 0: bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps: save(step + 1)
     model.eval()

@@ -8,14 +8,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .backbones import flow_matching_loss, to_pixels
+from .backbones import process_share, process_state, share_of, to_pixels
+from .image_decoders import ImageDecoder
 from .aligner import Aligner, apply_readout, fit_readout, init_norm_from_t5, t5_final_norm_weight
 from .features import FeatureCache, cache_complete, extract_features
 from .pretrain import fit, load_bank
 from .world import write_image_caption_set
 
 # %% auto #0
-__all__ = ['MODES', 'split_point', 'make_example', 'collate', 'AlignerBatches', 'aligner_loss', 'aligner_loss_fn',
+__all__ = ['MODES', 'split_point', 'make_example', 'collate', 'label_tokens', 'AlignerBatches', 'aligner_loss', 'aligner_loss_fn',
            'continuation_metrics', 'cache_pixels', 'ImageBatches', 'image_loss_fn', 'image_loss_metrics',
            'content_probe', 't5_space_pairs', 't5_space_agreement', 't5_readout', 'train_aligner', 'image_caption_root',
            'feature_caches']
@@ -51,22 +52,35 @@ def collate(examples, t5_tokenizer, max_label: int = 128):
     labels[labels == t5_tokenizer.pad_token_id] = -100
     return features, mask, labels
 
+def label_tokens(texts: list[str], t5_tokenizer, max_label: int = 128) -> int:
+    "How many T5 label tokens (EOS included) `collate` makes of target texts."
+    return sum(len(ids) for ids in t5_tokenizer(texts, truncation=True, max_length=max_label).input_ids)
+
 class AlignerBatches:
-    "Random batches of a feature cache in one mode; draws indices and splits from the training loop's generator."
-    def __init__(self, cache: FeatureCache, mode: str, vlm_tokenizer, t5_tokenizer, batch_size: int = 32, max_split: int = 128):
+    "Random global batches of a feature cache in one mode, drawn from the training loop's generator; returns this process's share."
+    def __init__(self, cache: FeatureCache, mode: str, vlm_tokenizer, t5_tokenizer, batch_size: int = 32, max_split: int = 128,
+                 share: tuple[int, int] | None = None):  # (rank, processes); None: this process's under accelerate
         if mode not in MODES: raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
         self.cache, self.mode, self.vlm_tok, self.t5_tok, self.bs, self.max_split = cache, mode, vlm_tokenizer, t5_tokenizer, batch_size, max_split
+        self.share = share or process_share()
+        share_of(batch_size, self.share)  # a global batch that does not split evenly is an error now, not at step 0
     def __call__(self, g: torch.Generator):
+        "(features (b, S, d), mask (b, S), labels (b, T), this share's weight in the global token mean)."
         idx = torch.randint(len(self.cache), (self.bs,), generator=g).tolist()
         rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))
-        return collate([make_example(self.cache[i], self.mode, rng, self.vlm_tok, self.max_split) for i in idx], self.t5_tok)
+        examples = [make_example(self.cache[i], self.mode, rng, self.vlm_tok, self.max_split) for i in idx]  # every process alike
+        features, mask, labels = collate(examples[share_of(self.bs, self.share)], self.t5_tok)
+        # DDP averages the processes' gradients: weighting each share's token mean by its token count times the process
+        # count over the global count makes that average the gradient of the global batch's token mean (1.0 on one process)
+        weight = int((labels != -100).sum()) * self.share[1] / label_tokens([t for _, t in examples], self.t5_tok)
+        return features, mask, labels, weight
 
 # %% ../nbs/02c_training.ipynb #34e966f6
 def aligner_loss(aligner: Aligner, t5, batch, device="cpu") -> torch.Tensor:
-    "Captioning loss of the frozen T5 decoder on aligned features."
-    features, mask, labels = (x.to(device) for x in batch)
-    aligned = aligner(features)
-    return t5(encoder_outputs=(aligned,), attention_mask=mask, labels=labels).loss
+    "Captioning loss of the frozen T5 decoder on aligned features, weighted as this process's share of the global batch."
+    features, mask, labels, weight = batch
+    aligned = aligner(features.to(device)).to(t5.dtype)  # a float32 aligner feeds a bfloat16 T5 on a GPU
+    return t5(encoder_outputs=(aligned,), attention_mask=mask.to(device), labels=labels.to(device)).loss * weight
 
 def aligner_loss_fn(t5, batches: AlignerBatches):
     "A `fit` loss over random batches."
@@ -78,8 +92,9 @@ def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 
     g, losses, right, total = torch.Generator().manual_seed(seed), [], 0, 0
     aligner.eval()
     for _ in range(n_batches):
-        features, mask, labels = batches(g)
-        out = t5(encoder_outputs=(aligner(features.to(aligner.device)),), attention_mask=mask.to(aligner.device), labels=labels.to(aligner.device))
+        features, mask, labels, _ = batches(g)
+        out = t5(encoder_outputs=(aligner(features.to(aligner.device)).to(t5.dtype),), attention_mask=mask.to(aligner.device),
+                 labels=labels.to(aligner.device))
         keep = labels != -100
         right += int((out.logits.argmax(-1).cpu()[keep] == labels[keep]).sum()); total += int(keep.sum())
         losses.append(out.loss.item())
@@ -95,33 +110,36 @@ def cache_pixels(cache: FeatureCache, data_root, split: str = "train") -> torch.
     return to_pixels(images[:len(cache)])
 
 class ImageBatches:
-    "Random batches of (generated states zero-padded to n_rows (B, n_rows, d), the images they describe (B, 3, H, W))."
+    "Random global batches of (generated states zero-padded to n_rows, the images they describe); returns this process's share."
     def __init__(self, cache: FeatureCache, pixels: torch.Tensor, batch_size: int = 32,
-                 n_rows: int | None = None):  # default: the cache's max_new_tokens, the rows inference generates
+                 n_rows: int | None = None,  # default: the cache's max_new_tokens, the rows inference generates
+                 share: tuple[int, int] | None = None):  # (rank, processes); None: this process's under accelerate
         if len(pixels) != len(cache): raise ValueError(f"{len(pixels)} images for {len(cache)} cached samples; pass the images the cache was extracted from")
         self.cache, self.pixels, self.bs = cache, pixels, batch_size
         self.n_rows = n_rows or cache.manifest["params"]["max_new_tokens"]
+        self.share = share or process_share()
+        share_of(batch_size, self.share)
     def __call__(self, g: torch.Generator):
-        idx = torch.randint(len(self.cache), (self.bs,), generator=g).tolist()
-        features = torch.zeros(self.bs, self.n_rows, self.cache.width)
+        "(features (b, n_rows, d), pixels (b, 3, H, W)) of this process's share."
+        idx = torch.randint(len(self.cache), (self.bs,), generator=g).tolist()[share_of(self.bs, self.share)]
+        features = torch.zeros(len(idx), self.n_rows, self.cache.width)
         for j, i in enumerate(idx):
             rows = self.cache[i]["generated_features"][:self.n_rows]
             features[j, :len(rows)] = rows.float()
         return features, self.pixels[idx]
 
-def image_loss_fn(decoder, pooled: torch.Tensor, batches: ImageBatches):
-    "A `fit` loss of any features -> tokens map: the frozen image decoder's flow matching; `pooled` is (1, d_pool)."
-    decoder.requires_grad_(False)
+def image_loss_fn(decoder: ImageDecoder, batches: ImageBatches):
+    "A `fit` loss of any features -> tokens map: the frozen image decoder's flow matching, pooled as the empty prompt."
     def loss(condition, g):
         features, pixels = batches(g)
-        return flow_matching_loss(decoder, pixels.to(decoder.device), condition(features.to(decoder.device)),
-                                  pooled.to(decoder.device).expand(len(pixels), -1), generator=g)
+        return decoder.flow_loss(pixels.to(decoder.device), condition(features.to(decoder.device)),
+                                 decoder.empty_pooled(len(pixels)), g, batches.share)
     return loss
 
 @torch.no_grad()
-def image_loss_metrics(condition, decoder, pooled, batches: ImageBatches, n_batches: int = 10, seed: int = 1234) -> dict:
+def image_loss_metrics(condition, decoder: ImageDecoder, batches: ImageBatches, n_batches: int = 10, seed: int = 1234) -> dict:
     "Held-out flow-matching loss of the image decoder on `condition(features)`, on fixed seeded batches and noise."
-    g, loss = torch.Generator().manual_seed(seed), image_loss_fn(decoder, pooled, batches)
+    g, loss = torch.Generator().manual_seed(seed), image_loss_fn(decoder, batches)
     return {"flow_loss": float(np.mean([loss(condition, g).item() for _ in range(n_batches)]))}
 
 # %% ../nbs/02c_training.ipynb #f1b883eb
@@ -190,46 +208,49 @@ def t5_readout(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: Feature
 
 # %% ../nbs/02c_training.ipynb #bdb72671
 def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tokenizer, vlm_tokenizer, t5_source: str,
-                  out_dir, mode: str = "generated-masked", norm: str = "t5", steps: int = 1000, batch_size: int = 32,
+                  out_dir, mode: str = "generated-masked", norm: str = "t5", steps: int = 1000,
+                  batch_size: int = 32,  # the global batch, split evenly over accelerate's processes
                   lr: float = 1e-3, min_lr: float = 0.0, warmup: int = 100, weight_decay: float = 0.05, max_split: int = 128,
                   ckpt_every: int = 250, eval_batches: int = 10, seed: int = 0,
-                  image: tuple | None = None,  # generated-image only: (decoder, pooled (1, d_pool), training pixels)
+                  decoder: ImageDecoder | None = None,  # generated-image only: the frozen image decoder
+                  pixels: torch.Tensor | None = None,   # generated-image only: the training images (N, 3, H, W) in [-1, 1]
                   ) -> tuple[Aligner, list[float], dict]:
-    "Train one aligner; returns it, its per-step losses and its held-out continuation metrics."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    "Train one aligner (data-parallel under `accelerate launch`); returns it, its per-step losses and its held-out continuation metrics."
+    out_dir = Path(out_dir)
     torch.manual_seed(seed)
     aligner = Aligner(train_cache.width, t5.config.d_model, norm=norm)
     if norm == "t5": init_norm_from_t5(aligner, t5_final_norm_weight(t5_source))
     if mode == "generated-image":
-        if image is None: raise ValueError("mode 'generated-image' trains on the image decoder: pass image=(decoder, pooled, training pixels)")
-        decoder, pooled, pixels = image
-        loss_fn = image_loss_fn(decoder, pooled, ImageBatches(train_cache, pixels, batch_size))
+        if decoder is None or pixels is None: raise ValueError("mode 'generated-image' trains on the image decoder: pass decoder and pixels")
+        loss_fn = image_loss_fn(decoder, ImageBatches(train_cache, pixels, batch_size))
     else: loss_fn = aligner_loss_fn(t5, AlignerBatches(train_cache, mode, vlm_tokenizer, t5_tokenizer, batch_size, max_split))
     run = fit(aligner, loss_fn, steps, out_dir / "checkpoint.pt", lr=lr, warmup=warmup,
               weight_decay=weight_decay, ckpt_every=ckpt_every, seed=seed, desc=f"aligner {mode} norm={norm}",
               log_csv=out_dir / "loss.csv", min_lr=min_lr)
-    aligner.save_pretrained(out_dir / "aligner")
-    val = AlignerBatches(val_cache, mode, vlm_tokenizer, t5_tokenizer, batch_size, max_split)
+    aligner.save_pretrained(out_dir / "aligner", is_main_process=process_state().is_main_process)
+    val = AlignerBatches(val_cache, mode, vlm_tokenizer, t5_tokenizer, batch_size, max_split, share=(0, 1))
     return aligner, run.losses, continuation_metrics(aligner, t5, val, eval_batches, seed=seed + 1)
 
 # %% ../nbs/02c_training.ipynb #e5850c8e
 def image_caption_root(data_root, render_if_missing: bool = True, images_per_pair: int = 1, seed: int = 0) -> Path:
     "`data_root`, after rendering a MiniCoBSAT image-caption set into it if it holds none and `render_if_missing`."
     data_root = Path(data_root)
-    if render_if_missing and not (data_root / "train.jsonl").exists(): write_image_caption_set(data_root, images_per_pair, seed=seed)
+    with process_state().main_process_first():  # the main process renders; the others then find the set
+        if render_if_missing and not (data_root / "train.jsonl").exists(): write_image_caption_set(data_root, images_per_pair, seed=seed)
     return data_root
 
-def feature_caches(vlm, processor, cache_dir, data_root, render_if_missing: bool = True, images_per_pair: int = 1,
-                   max_images: int = 0, validation_samples: int = 256, max_new_tokens: int = 24, batch_size: int = 64,
-                   seed: int = 0, image_size: int | None = 32) -> dict[str, FeatureCache]:
-    "The train and validation caches under `cache_dir`, extracted from the image-caption set at `data_root` if needed."
-    caches = {}
+def feature_caches(vlm_loader, processor, width: int, cache_dir, data_root, render_if_missing: bool = True,
+                   images_per_pair: int = 1, max_images: int = 0, validation_samples: int = 256, max_new_tokens: int = 24,
+                   batch_size: int = 64, seed: int = 0, image_size: int | None = 32) -> dict[str, FeatureCache]:
+    "The train and validation caches under `cache_dir`, extracted if needed; `vlm_loader()` loads the VLM only then."
+    caches, vlm = {}, None
     for split in ("train", "validation"):
         root = Path(cache_dir) / split
         if not cache_complete(root):
             images, rows = load_bank(image_caption_root(data_root, render_if_missing, images_per_pair, seed), split)
             n = min(len(rows), max_images or len(rows)) if split == "train" else min(len(rows), validation_samples)
+            vlm = vlm or vlm_loader()
             extract_features(vlm, processor, images[:n], rows[:n], root, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              seed=seed + (split == "validation"), image_size=image_size)
-        caches[split] = FeatureCache(root, expected_width=vlm.config.text_config.hidden_size)
+        caches[split] = FeatureCache(root, expected_width=width)
     return caches

@@ -1,0 +1,45 @@
+"""Run by test_distributed, alone or under `accelerate launch`: feature extraction into OUT/features, then aligner
+training that is killed at step CRASH_AT (-1: never) and resumed; the main process writes OUT/result.json."""
+import json, sys
+from pathlib import Path
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from thinkdiff_nb.aligner import Aligner
+from thinkdiff_nb.backbones import get_profile, load_t5, load_vlm, process_state
+from thinkdiff_nb.features import extract_features
+from thinkdiff_nb.pretrain import fit
+from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn
+from thinkdiff_nb.world import THEMES, render
+
+
+def train(cache, t5, t5_tokenizer, vlm_tokenizer, out: Path, crash_at: int):
+    "Six steps at a global batch of 4, checkpointing every 2; raises KeyboardInterrupt at call `crash_at`."
+    torch.manual_seed(0)
+    aligner = Aligner(cache.width, t5.config.d_model)
+    loss = aligner_loss_fn(t5, AlignerBatches(cache, "generated-masked", vlm_tokenizer, t5_tokenizer, batch_size=4))
+    calls = iter(range(100))
+    def dying(model, g):
+        if next(calls) == crash_at: raise KeyboardInterrupt(f"killed at step {crash_at}")
+        return loss(model, g)
+    return aligner, fit(aligner, dying, 6, out / "checkpoint.pt", ckpt_every=2, warmup=1, log_csv=out / "loss.csv")
+
+
+if __name__ == "__main__":
+    out, crash_at = Path(sys.argv[1]), int(sys.argv[2])
+    state = process_state()
+    profile = get_profile("tiny-random")  # every process builds the same seeded weights
+    (vlm, processor), (t5, t5_tokenizer) = load_vlm(profile), load_t5(profile)
+    theme = THEMES["color_object"]
+    rows = [{"theme": theme.name, "subject": theme.subjects[i % 10], "attribute": theme.attributes[i // 3 % 10], "caption": "x"}
+            for i in range(14)]
+    images = np.stack([render(theme, r["subject"], r["attribute"], seed=i) for i, r in enumerate(rows)])
+    cache = extract_features(vlm, processor, images, rows, out / "features", shard_size=3, batch_size=3, max_new_tokens=5)
+    if crash_at >= 0:
+        try: train(cache, t5, t5_tokenizer, processor.tokenizer, out, crash_at)
+        except KeyboardInterrupt: pass
+    aligner, run = train(cache, t5, t5_tokenizer, processor.tokenizer, out, -1)
+    if state.is_main_process:
+        save_file({k: v.contiguous() for k, v in aligner.state_dict().items()}, str(out / "aligner.safetensors"))
+        (out / "result.json").write_text(json.dumps({"processes": state.num_processes, "losses": run.losses,
+                                                     "generators": len(torch.load(out / "checkpoint.pt")["generators"])}))
