@@ -8,8 +8,8 @@ run=outputs/$run_id
 bin=.venv/bin
 mkdir -p "$run"
 export MPLBACKEND=Agg
-pm() { "$bin/papermill" --cwd nbs --log-level WARNING "$@"; }
-r=../$run  # papermill runs in nbs/
+pm() { "$bin/papermill" --log-level WARNING "$@"; }
+r=$run  # notebook paths resolve against the project folder
 # The three aligners train 3,000 steps each, half of train_mini.yaml's full run (held-out continuation 0.956 at 6,000),
 # with the same budget for all three so that the ablation compares like with like; this keeps the chain under 30 min.
 steps=3000
