@@ -58,7 +58,6 @@ def test_train_notebook_over_two_processes(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([str(Path(sys.executable).parent / "papermill"), "nbs/03_train.ipynb", str(tmp_path / "one.ipynb"), *params,
           "-p", "output_dir", str(one)])
-    two.mkdir()
     _run(ACCELERATE + ["--main_process_port", "29518", "tools/papermill_ranks.py", "nbs/03_train.ipynb", str(two / "03_train.ipynb"),
                        *params, "-p", "output_dir", str(two), "-p", "feature_cache", str(one / "features"),
                        "-p", "data_dir", str(one / "data")])

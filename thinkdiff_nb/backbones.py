@@ -384,7 +384,7 @@ PROFILES = {
     "paper": Profile("paper", "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", vlm="Qwen/Qwen2-VL-7B-Instruct",
                      text_width=4096, kind="paper", image_size=None, cobsat_size=512, demo_size=1024),
 }
-BUILT_PROFILES = ("tiny-random", "tiny-paper")  # built on first use in each process
+BUILT_PROFILES = ("tiny-random", "tiny-paper")  # built into a temporary folder on first use (see built_once)
 
 def get_profile(name: str) -> Profile:
     "The profile called `name`; `tiny-random` and `tiny-paper` are built on first use."

@@ -40,7 +40,7 @@ def evaluate_task(td: ThinkDiff, judge, task, shot: int, n_prompts: int, methods
     frames.append(text.assign(method="vlm-text"))
     for method in methods:
         images = []
-        for i in range(0, len(prompts), batch_size):
+        for i in tqdm(range(0, len(prompts), batch_size), desc=f"{task.name} {shot}-shot {method}", leave=False):
             embeds, pooled = conditioning(td, method, prompts[i:i + batch_size], responses[i:i + batch_size])
             images.append(td.decoder.draw(embeds, pooled, steps, guidance, seed=base + i, size=size))
         images = np.concatenate(images)

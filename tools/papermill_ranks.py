@@ -13,7 +13,7 @@ if __name__ == "__main__":
     args, rank = sys.argv[1:], int(os.environ.get("RANK", "0"))
     if len(args) < 2 or args[0].startswith("-") or args[1].startswith("-"):
         sys.exit("usage: tools/papermill_ranks.py NOTEBOOK OUTPUT [papermill options]")
-    if rank:
-        output = Path(args[1])
-        args[1] = str(output.with_name(f"{output.stem}.rank{rank}{output.suffix}"))
+    output = Path(args[1])
+    output.parent.mkdir(parents=True, exist_ok=True)  # papermill refuses an output folder that does not exist yet
+    if rank: args[1] = str(output.with_name(f"{output.stem}.rank{rank}{output.suffix}"))
     papermill.main(args=args, prog_name="papermill")
