@@ -18,16 +18,17 @@ from .world import AXES, FRAMES, PHRASES, THEMES, as_theme, display_word
 
 # %% auto #0
 __all__ = ['DTYPES', 'T5_SPECIALS', 'N_SENTINELS', 'PATCH', 'QWEN_SPECIALS', 'SYSTEM_PROMPT', 'CHAT_TEMPLATE',
-           'DESCRIBE_INSTRUCTIONS', 'ICL_INSTRUCTION', 'PROJECT_DIR', 'DATA_DIR', 'MINI_DIR', 'KINDS', 'ALIGNER_NAMES',
-           'PROFILES', 'BUILT_PROFILES', 'SAFETENSORS_INDEX', 'resolve_device', 'resolve_dtype', 'process_state',
-           'process_share', 'share_of', 'words_of', 'world_texts', 'build_word_tokenizer', 'sentinels', 't5_tokenizer',
-           'load_t5_tokenizer', 'mini_t5_config', 'mini_decoder_config', 'pack_pixels', 'unpack_pixels', 'image_ids',
-           'to_pixels', 'to_uint8', 'encode_text', 'empty_pooled', 'decoder_velocity', 'share_randn',
-           'flow_matching_loss', 'sample_images', 'Judge', 'judge_pairs', 'vlm_words', 'vlm_tokenizer',
-           'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor', 'mini_vlm_config', 'description_messages', 'icl_messages',
-           'prepare_image', 'vlm_batch', 'vlm_answers', 'project_path', 'Profile', 'get_profile', 'as_profile',
-           'built_once', 'tiny_random_profile', 'load_decoder', 'load_judge', 'checkpoint_file', 'weight_files',
-           'read_tensor', 'NoEncoder', 't5_decoder_only', 'load_t5', 'load_vlm_processor', 'vlm_width', 'load_vlm']
+           'DESCRIBE_INSTRUCTIONS', 'OFFICIAL_DESCRIBE_INSTRUCTIONS', 'ICL_INSTRUCTION', 'PROJECT_DIR', 'DATA_DIR',
+           'MINI_DIR', 'KINDS', 'ALIGNER_NAMES', 'PROFILES', 'BUILT_PROFILES', 'SAFETENSORS_INDEX', 'resolve_device',
+           'resolve_dtype', 'process_state', 'process_share', 'share_of', 'words_of', 'world_texts',
+           'build_word_tokenizer', 'sentinels', 't5_tokenizer', 'load_t5_tokenizer', 'mini_t5_config',
+           'mini_decoder_config', 'pack_pixels', 'unpack_pixels', 'image_ids', 'to_pixels', 'to_uint8', 'encode_text',
+           'empty_pooled', 'decoder_velocity', 'share_randn', 'flow_matching_loss', 'sample_images', 'Judge',
+           'judge_pairs', 'vlm_words', 'vlm_tokenizer', 'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor',
+           'mini_vlm_config', 'description_messages', 'icl_messages', 'prepare_image', 'vlm_batch', 'vlm_answers',
+           'project_path', 'Profile', 'get_profile', 'as_profile', 'built_once', 'tiny_random_profile', 'load_decoder',
+           'load_judge', 'checkpoint_file', 'weight_files', 'read_tensor', 'NoEncoder', 't5_decoder_only', 'load_t5',
+           'load_vlm_processor', 'vlm_width', 'load_vlm']
 
 # %% ../nbs/01_backbones.ipynb #3b6a030c
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -247,6 +248,20 @@ DESCRIBE_INSTRUCTIONS = [
     "Write a prompt for a diffusion model to recreate this image.",
     "Give me a diffusion prompt that would reproduce this picture.",
     "Create a text prompt that lets a diffusion model draw this image again."]
+# The official extraction's 16 (`llava_brief_instructions`): 11 of LLaVA's brief-description prompts, 5 diffusion prompts;
+# one is drawn per image (the paper's Section 3.2 data). The mini VLM reads the 8 above, in its own word-level vocabulary.
+OFFICIAL_DESCRIBE_INSTRUCTIONS = [
+    "Describe the image concisely.", "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.", "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.", "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+    "Generate a prompt that can recreate the image in a 2D diffusion model.",
+    "Provide a descriptive prompt to reproduce the given image using a diffusion model.",
+    "Create a prompt suitable for a 2D diffusion model to generate the same image.",
+    "Summarize the visual details as a prompt for a 2D diffusion model.",
+    "Write a clear prompt to guide a 2D diffusion model in recreating the image."]
 ICL_INSTRUCTION = ("I give you several words and pictures. First, please analyse what the next picture is. "
                    "Then give me a detailed diffusion prompt to describe the next picture. "
                    "Please only provide me the detailed prompt and start the answer with 'Create an image'.")
@@ -365,8 +380,11 @@ class Profile:
     name: str
     t5: str          # T5ForConditionalGeneration folder or id: the aligner trains against its decoder
     decoder: str     # mini: FluxTransformer2DModel folder; paper: FluxPipeline folder or id (FLUX.1-dev)
-    judge: str = ""  # Judge folder; the paper's judge is CoBSAT's LLaVA
+    judge: str = ""  # the mini judge CNN's folder (`Judge`); empty: the profile has none
     vlm: str = ""    # Qwen2VLForConditionalGeneration folder (with its processor files) or id
+    llava: str = ""  # CoBSAT's judge, LlavaForConditionalGeneration folder or id (the paper: llava-1.5-13b)
+    clip: str = ""   # CoBSAT's second metric, CLIPModel folder or id (ViT-B/32)
+    describe_instructions: tuple = tuple(DESCRIBE_INSTRUCTIONS)  # one drawn per training image at feature extraction
     text_width: int = 128  # T5 d_model = the decoder's joint_attention_dim
     kind: str = "mini"     # mini: word-level tokenizers, pixel-space decoder; paper: hub layouts, FluxPipeline
     image_size: int | None = 32  # side of the VLM's square input images; None: the VLM's processor decides
@@ -382,7 +400,9 @@ PROFILES = {
     "mini": Profile("mini", str(MINI_DIR / "t5"), str(MINI_DIR / "decoder"), str(MINI_DIR / "judge"), str(MINI_DIR / "vlm"),
                     aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_NAMES}),
     "paper": Profile("paper", "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", vlm="Qwen/Qwen2-VL-7B-Instruct",
-                     text_width=4096, kind="paper", image_size=None, cobsat_size=512, demo_size=1024),
+                     llava="llava-hf/llava-1.5-13b-hf", clip="openai/clip-vit-base-patch32",
+                     text_width=4096, kind="paper", image_size=None, cobsat_size=512, demo_size=1024,
+                     describe_instructions=tuple(OFFICIAL_DESCRIBE_INSTRUCTIONS)),
 }
 BUILT_PROFILES = ("tiny-random", "tiny-paper")  # built into a temporary folder on first use (see built_once)
 

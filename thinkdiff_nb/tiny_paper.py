@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, Regex, decoders, models, normalizers, pre_toke
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, GenerationConfig, Qwen2Tokenizer, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration, T5Config, T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer)
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from .backbones import (ALIGNER_NAMES, DESCRIBE_INSTRUCTIONS, ICL_INSTRUCTION, SYSTEM_PROMPT, Judge, Profile,
-                                    built_once, vlm_words, world_texts)
+from .backbones import (ALIGNER_NAMES, DESCRIBE_INSTRUCTIONS, ICL_INSTRUCTION, OFFICIAL_DESCRIBE_INSTRUCTIONS,
+                                    SYSTEM_PROMPT, Judge, Profile, built_once, vlm_words, world_texts)
 from .aligner import Aligner, init_norm_from_t5, save_readout, t5_final_norm_weight
 
 # %% auto #0
@@ -279,4 +279,5 @@ def tiny_paper_profile() -> Profile:
     root = built_once("thinkdiff_nb_tiny_paper.", lambda folder: save_tiny_paper(folder / "profile")) / "profile"
     return Profile("tiny-paper", str(root / "t5"), str(root / "flux"), str(root / "judge"), str(root / "vlm"), text_width=32,
                    kind="paper", image_size=None, cobsat_size=32, demo_size=32,  # 32 px: FLUX's tiny VAE halves it to 16
+                   describe_instructions=tuple(OFFICIAL_DESCRIBE_INSTRUCTIONS),
                    aligners={n: str(root / "aligners" / n) for n in ALIGNER_NAMES})
