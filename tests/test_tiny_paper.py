@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (AutoTokenizer, AutoProcessor, CLIPTokenizer, Qwen2Tokenizer, Qwen2VLForConditionalGeneration,
+from transformers import (AutoTokenizer, AutoProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, LlamaTokenizer,
+                          LlavaForConditionalGeneration, LlavaProcessor, Qwen2Tokenizer, Qwen2VLForConditionalGeneration,
                           T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from diffusers import FluxPipeline
 import thinkdiff_nb.tiny_paper as tiny_paper
@@ -14,7 +16,7 @@ from thinkdiff_nb.tiny_paper import save_tiny_paper
 from thinkdiff_nb.backbones import ImageOnlyQwen2VLProcessor, Judge
 from thinkdiff_nb.world import THEMES, caption, render
 
-FOLDERS = ("vlm", "t5", "flux", "judge", "aligners")
+FOLDERS = ("vlm", "t5", "flux", "judge", "llava", "clip", "aligners")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +163,49 @@ def test_flux_pipeline_draws_from_prompt_embeds(root):
     assert np.array_equal(first, second) and not np.array_equal(first, from_text)
 
 
+def test_llava_in_llava_hf_layout(root):
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "preprocessor_config.json", "processor_config.json"} <= {p.name for p in (root / "llava").iterdir()}
+    tok = AutoTokenizer.from_pretrained(root / "llava")  # transformers 5 reads a llava checkpoint's tokenizer.json as it is
+    assert tok.padding_side == "left" and tok.pad_token == "<pad>"
+    backend = json.loads((root / "llava" / "tokenizer.json").read_text())
+    assert (backend["model"]["type"], backend["model"]["byte_fallback"], backend["pre_tokenizer"]["type"]) == ("BPE", True, "Metaspace")
+    text = "USER: <image>\nWhat is it? (1)yellow (10)black ASSISTANT: 10"
+    assert tok(text).input_ids == LlamaTokenizer.from_pretrained(root / "llava")(text).input_ids
+    assert tok.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<0x00>", "<image>", "<pad>"]) == [0, 1, 2, 3, len(tok) - 2, len(tok) - 1]
+    config = json.loads((root / "llava" / "config.json").read_text())
+    assert (config["image_token_index"], config["pad_token_id"]) == (len(tok) - 2, tok.pad_token_id)
+    assert (config["vision_feature_layer"], config["vision_feature_select_strategy"], config["projector_hidden_act"]) == (-2, "default", "gelu")
+    assert config["text_config"]["model_type"] == "llama" and config["vision_config"]["patch_size"] == 14
+    assert json.loads((root / "llava" / "preprocessor_config.json").read_text())["image_processor_type"] == "CLIPImageProcessor"
+    processor = LlavaProcessor.from_pretrained(root / "llava")
+    assert isinstance(processor.image_processor, CLIPImageProcessorPil)
+    assert (processor.patch_size, processor.num_additional_image_tokens, processor.vision_feature_select_strategy) == (14, 1, "default")
+    batch = processor(text=["USER: <image>\nWhich? ASSISTANT:"], images=[render("color_object", "leaf", "red")], return_tensors="pt")
+    assert int((batch["input_ids"] == config["image_token_index"]).sum()) == 4 and batch["input_ids"][0, 0] == tok.bos_token_id
+    model = LlavaForConditionalGeneration.from_pretrained(root / "llava").eval()
+    assert model.generation_config.eos_token_id == tok.eos_token_id and model.generation_config.pad_token_id == tok.pad_token_id
+    out = [model.generate(**batch, max_new_tokens=3, do_sample=False) for _ in range(2)]
+    assert out[0].shape[1] == batch["input_ids"].shape[1] + 3 and torch.equal(out[0], out[1])
+
+
+def test_clip_in_openai_layout(root):
+    assert sorted(p.name for p in (root / "clip").iterdir()) == [
+        "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "vocab.json"]
+    pre = json.loads((root / "clip" / "preprocessor_config.json").read_text())
+    assert pre["feature_extractor_type"] == "CLIPFeatureExtractor" and "image_processor_type" not in pre
+    processor = CLIPProcessor.from_pretrained(root / "clip")
+    assert isinstance(processor.image_processor, CLIPImageProcessorPil) and isinstance(processor.tokenizer, CLIPTokenizer)
+    assert processor.tokenizer.pad_token == processor.tokenizer.eos_token == "<|endoftext|>"
+    model = CLIPModel.from_pretrained(root / "clip").eval()
+    assert model.config.text_config.eos_token_id == 2 and model.config.projection_dim == 16
+    inputs = processor(text=["red", "a red leaf"], images=[render("color_object", "leaf", "red", 48)], padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+    with torch.no_grad(): out = model(**inputs)
+    assert torch.allclose(out.logits_per_image, model.logit_scale.exp() * out.image_embeds @ out.text_embeds.T, atol=1e-5)
+
+
 def test_judge(root):
     judge = Judge.from_pretrained(root / "judge").eval()
     assert judge.config.width == 8
@@ -175,7 +220,8 @@ def test_deterministic_and_leaves_rng_alone(root, tmp_path):
     assert torch.equal(torch.get_rng_state(), state)
     first, second = safetensors_bytes(root), safetensors_bytes(again)
     assert len(first) >= 8 and first == second
-    for name in ("vlm/tokenizer.json", "t5/tokenizer.json", "flux/tokenizer/vocab.json", "flux/tokenizer/merges.txt"):
+    for name in ("vlm/tokenizer.json", "t5/tokenizer.json", "flux/tokenizer/vocab.json", "flux/tokenizer/merges.txt",
+                 "llava/tokenizer.json", "clip/tokenizer.json"):
         assert (root / name).read_bytes() == (again / name).read_bytes()
     other = safetensors_bytes(save_tiny_paper(tmp_path / "other", seed=1))
     assert other.keys() == first.keys() and all(other[k] != first[k] for k in first)

@@ -25,10 +25,10 @@ __all__ = ['DTYPES', 'T5_SPECIALS', 'N_SENTINELS', 'PATCH', 'QWEN_SPECIALS', 'SY
            'mini_decoder_config', 'pack_pixels', 'unpack_pixels', 'image_ids', 'to_pixels', 'to_uint8', 'encode_text',
            'empty_pooled', 'decoder_velocity', 'share_randn', 'flow_matching_loss', 'sample_images', 'Judge',
            'judge_pairs', 'vlm_words', 'vlm_tokenizer', 'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor',
-           'mini_vlm_config', 'description_messages', 'icl_messages', 'prepare_image', 'vlm_batch', 'vlm_answers',
-           'project_path', 'Profile', 'get_profile', 'as_profile', 'built_once', 'tiny_random_profile', 'load_decoder',
-           'load_judge', 'checkpoint_file', 'weight_files', 'read_tensor', 'NoEncoder', 't5_decoder_only', 'load_t5',
-           'load_vlm_processor', 'vlm_width', 'load_vlm']
+           'mini_vlm_config', 'description_messages', 'icl_messages', 'centre_crop', 'prepare_image', 'vlm_batch',
+           'vlm_answers', 'project_path', 'Profile', 'get_profile', 'as_profile', 'built_once', 'tiny_random_profile',
+           'require_weights', 'load_decoder', 'load_judge', 'checkpoint_file', 'weight_files', 'read_tensor',
+           'NoEncoder', 't5_decoder_only', 'load_t5', 'load_vlm_processor', 'vlm_width', 'load_vlm']
 
 # %% ../nbs/01_backbones.ipynb #3b6a030c
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -323,12 +323,17 @@ def icl_messages(texts: list[str], instruction: str = ICL_INSTRUCTION) -> list[d
         if k < len(texts) - 1: content.append({"type": "image"})
     return [{"role": "user", "content": content}]
 
+def centre_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    "The central `width` x `height` pixels of a PIL image."
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
 def prepare_image(image, size: int | None) -> Image.Image:
-    "An RGB PIL image of `size` pixels square: other modes are converted, other square sizes resized, non-square rejected."
-    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    if img.width != img.height: raise ValueError(f"expected a square image, got {img.width}x{img.height}")
-    img = img.convert("RGB")
-    return img if size is None or img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
+    "An RGB PIL image; with a `size`, its central square resized to `size` pixels square; with None, as it is."
+    img = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
+    if size is None: return img  # the VLM's processor decides (the paper profiles)
+    if img.width != img.height: img = centre_crop(img, min(img.size), min(img.size))
+    return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
 
 def vlm_batch(processor, conversations: list[list[dict]], images: list[list], answers: list[str] | None = None,
               max_images: int = 8, image_size: int | None = 32, padding_side: str = "left") -> dict:
@@ -450,7 +455,7 @@ def tiny_random_profile() -> Profile:
     return Profile("tiny-random", str(root / "t5"), str(root / "decoder"), str(root / "judge"), str(root / "vlm"), text_width=32)
 
 # %% ../nbs/01_backbones.ipynb #433f9073
-def _require(path_or_id: str, what: str, profile: Profile):
+def require_weights(path_or_id: str, what: str, profile: Profile):
     "A clear error when a local weights folder is missing (hub ids are left to from_pretrained)."
     p = Path(path_or_id)
     if (p.is_absolute() or path_or_id.startswith(".")) and not (p / "config.json").exists():
@@ -461,7 +466,7 @@ def load_decoder(profile: Profile | str, device="cpu", dtype=torch.float32) -> F
     "A mini-kind profile's pixel-space FluxTransformer2DModel, frozen; its text width must match the profile's T5."
     profile = as_profile(profile)
     if profile.kind != "mini": raise ValueError(f"profile {profile.name!r} draws with a FluxPipeline: use load_image_decoder")
-    _require(profile.decoder, "decoder", profile)
+    require_weights(profile.decoder, "decoder", profile)
     dec = FluxTransformer2DModel.from_pretrained(profile.decoder, torch_dtype=dtype)
     if dec.config.joint_attention_dim != profile.text_width:
         raise ValueError(f"decoder reads width {dec.config.joint_attention_dim} but profile {profile.name!r} "
@@ -472,7 +477,7 @@ def load_judge(profile: Profile | str, device="cpu") -> Judge:
     "The profile's judge CNN in eval mode."
     profile = as_profile(profile)
     if not profile.judge: raise ValueError(f"profile {profile.name!r} has no judge here; CoBSAT judges with LLaVA-1.5-13B")
-    _require(profile.judge, "judge", profile)
+    require_weights(profile.judge, "judge", profile)
     return Judge.from_pretrained(profile.judge).to(device).eval().requires_grad_(False)
 
 # %% ../nbs/01_backbones.ipynb #3c7db480
@@ -529,7 +534,7 @@ def t5_decoder_only(path_or_id: str, device="cpu", dtype=torch.float32) -> T5For
 def load_t5(profile: Profile | str, device="cpu", dtype=torch.float32, encoder: bool = True):
     "(T5ForConditionalGeneration, tokenizer) of a profile, frozen; `encoder=False` reads the decoder side only."
     profile = as_profile(profile)
-    _require(profile.t5, "T5", profile)
+    require_weights(profile.t5, "T5", profile)
     t5 = (T5ForConditionalGeneration.from_pretrained(profile.t5, dtype=dtype, device_map=str(device)) if encoder
           else t5_decoder_only(profile.t5, device, dtype)).eval().requires_grad_(False)
     tok = load_t5_tokenizer(profile.t5) if profile.kind == "mini" else AutoTokenizer.from_pretrained(profile.t5)
@@ -545,13 +550,13 @@ def load_vlm_processor(profile: Profile | str) -> ImageOnlyQwen2VLProcessor:
     "A profile's Qwen2-VL processor, image-only: the stock one builds a video processor that needs torchvision."
     profile = as_profile(profile)
     if not profile.vlm: raise ValueError(f"profile {profile.name!r} names no VLM")
-    _require(profile.vlm, "VLM", profile)
+    require_weights(profile.vlm, "VLM", profile)
     return ImageOnlyQwen2VLProcessor.from_pretrained(profile.vlm)
 
 def vlm_width(profile: Profile | str) -> int:
     "The VLM's hidden width (the aligner's input), read from its config alone."
     profile = as_profile(profile)
-    _require(profile.vlm, "VLM", profile)
+    require_weights(profile.vlm, "VLM", profile)
     return Qwen2VLConfig.from_pretrained(profile.vlm).text_config.hidden_size
 
 def load_vlm(profile: Profile | str, device="cpu", dtype=torch.float32):

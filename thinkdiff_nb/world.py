@@ -16,7 +16,7 @@ __all__ = ['AXES', 'DISPLAY_WORDS', 'THEMES', 'TASKS', 'SHOTS', 'SILHOUETTES', '
            'Theme', 'as_theme', 'Task', 'cobsat_prompt_list', 'InContextPrompt', 'make_prompt', 'task_prompts',
            'Nuisance', 'silhouette_mask', 'subject_layer', 'paint_color', 'paint_background', 'paint_style',
            'paint_action', 'paint_texture', 'render', 'show_grid', 'min_pair_distance', 'describe', 'caption_variants',
-           'caption', 'parse_value', 'parse_pair', 'write_image_caption_set', 'ImageCaptionSet']
+           'caption', 'parse_value', 'parse_pair', 'atomic_dir', 'write_image_caption_set', 'ImageCaptionSet']
 
 # %% ../nbs/00_world.ipynb #0af16c7e
 AXES = {
@@ -568,7 +568,7 @@ def parse_pair(text: str, theme: Theme | str) -> tuple[str | None, str | None]:
     return parse_value(text, theme.subject_axis), parse_value(text, theme.attribute_axis)
 
 # %% ../nbs/00_world.ipynb #d9b8cf58
-def _atomic_dir(final: Path):
+def atomic_dir(final: Path):
     "A temporary sibling folder that becomes `final` by one rename."
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -578,7 +578,7 @@ def write_image_caption_set(root: str | Path, n_per_pair: int = 4, size: int = 3
     "Render `n_per_pair` nuisance samples of every pair of every theme with captions, split by seed, written atomically."
     root, rng = Path(root), random.Random(seed)
     if root.exists(): raise FileExistsError(f"{root} exists; remove it or choose another folder")
-    tmp = _atomic_dir(root); (tmp / "images").mkdir()
+    tmp = atomic_dir(root); (tmp / "images").mkdir()
     rows = {"train": [], "validation": []}
     jobs = [(t, s, a, k) for t in (themes or THEMES.values()) for s in t.subjects for a in t.attributes for k in range(n_per_pair)]
     for i, (t, s, a, k) in enumerate(tqdm(jobs, desc=f"rendering {root.name}")):
