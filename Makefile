@@ -41,8 +41,10 @@ test: check-clean check-export nbtest pytest
 reproduce: $(STAMP)
 	bash tools/reproduce.sh $(RUN_ID)
 
-# Feature capture vs plain generate, memory-mapped vs in-memory training, and the host memory of loading T5's decoder
-# side against the whole model: prints ratios from one run. Run it alone.
+# Feature capture vs plain generate, memory-mapped vs in-memory training, the host memory of loading T5's decoder
+# side against the whole model, and of training from webdataset tars of 256 vs 1024 images: prints ratios from one
+# run. Run it alone.
 benchmark: $(STAMP)
 	$(BIN)/python tools/benchmark_features.py
 	$(BIN)/python tools/benchmark_t5_load.py
+	$(BIN)/python tools/benchmark_streaming.py

@@ -2,11 +2,11 @@
 training that is killed at step CRASH_AT (-1: never) and resumed; the main process writes OUT/result.json."""
 import json, sys
 from pathlib import Path
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from thinkdiff_nb.aligner import Aligner
-from thinkdiff_nb.backbones import get_profile, load_t5, load_vlm, process_state
+from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, get_profile, load_t5, load_vlm, process_state
+from thinkdiff_nb.data import MemorySource
 from thinkdiff_nb.features import extract_features
 from thinkdiff_nb.pretrain import fit
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn
@@ -33,8 +33,8 @@ if __name__ == "__main__":
     theme = THEMES["color_object"]
     rows = [{"theme": theme.name, "subject": theme.subjects[i % 10], "attribute": theme.attributes[i // 3 % 10], "caption": "x"}
             for i in range(14)]
-    images = np.stack([render(theme, r["subject"], r["attribute"], seed=i) for i, r in enumerate(rows)])
-    cache = extract_features(vlm, processor, images, rows, out / "features", shard_size=3, batch_size=3, max_new_tokens=5)
+    source = MemorySource([render(theme, r["subject"], r["attribute"], seed=i) for i, r in enumerate(rows)], rows)
+    cache = extract_features(vlm, processor, source, out / "features", DESCRIBE_INSTRUCTIONS, shard_size=3, batch_size=3, max_new_tokens=5)
     if crash_at >= 0:
         try: train(cache, t5, t5_tokenizer, processor.tokenizer, out, crash_at)
         except KeyboardInterrupt: pass

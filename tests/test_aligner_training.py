@@ -7,10 +7,11 @@ import torch
 from thinkdiff_nb.world import THEMES, render, write_image_caption_set
 from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, description_messages, get_profile, load_t5, load_vlm, to_pixels, vlm_batch
 from thinkdiff_nb.aligner import Aligner, init_norm_from_t5, t5_final_norm_weight
+from thinkdiff_nb.data import MemorySource, open_image_captions
 from thinkdiff_nb.features import FeatureCache, extract_features, generate_with_features, sha256
 import thinkdiff_nb.features as features_module
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn, cache_pixels, make_example, split_point
-from thinkdiff_nb.pretrain import fit, load_bank
+from thinkdiff_nb.pretrain import fit
 
 NBS = Path(__file__).parents[1] / "nbs"
 
@@ -25,12 +26,12 @@ def _data(n=12):
     theme = THEMES["style_object"]
     rows = [{"theme": theme.name, "subject": theme.subjects[i % 10], "attribute": theme.attributes[i // 2 % 10],
              "caption": "x"} for i in range(n)]
-    return np.stack([render(theme, r["subject"], r["attribute"], seed=i) for i, r in enumerate(rows)]), rows
+    return MemorySource([render(theme, r["subject"], r["attribute"], seed=i) for i, r in enumerate(rows)], rows)
 
 
 def test_official_row_semantics(tiny):
     _, (vlm, processor), _ = tiny
-    images, _ = _data(3)
+    images = _data(3).images
     msgs = [description_messages(DESCRIBE_INSTRUCTIONS[i]) for i in range(3)]
     samples = generate_with_features(vlm, processor, msgs, [[im] for im in images], max_new_tokens=7, sample=False)
     for b, s in enumerate(samples):
@@ -58,8 +59,8 @@ def test_split_never_empty_and_one_token_answers():
 
 def test_interrupted_extraction_resumes_to_identical_shards(tiny, tmp_path, monkeypatch):
     _, (vlm, processor), _ = tiny
-    images, rows = _data(12)
-    whole = extract_features(vlm, processor, images, rows, tmp_path / "whole", shard_size=4, batch_size=4, max_new_tokens=5)
+    source = _data(12)
+    whole = extract_features(vlm, processor, source, tmp_path / "whole", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4, max_new_tokens=5)
     real_write, calls = features_module.write_shard, []
     def dying_write(path, samples, shard_rows, **kw):
         calls.append(path)
@@ -67,24 +68,25 @@ def test_interrupted_extraction_resumes_to_identical_shards(tiny, tmp_path, monk
         real_write(path, samples, shard_rows, **kw)
     monkeypatch.setattr(features_module, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(vlm, processor, images, rows, tmp_path / "resumed", shard_size=4, batch_size=4, max_new_tokens=5)
+        extract_features(vlm, processor, source, tmp_path / "resumed", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4, max_new_tokens=5)
     assert len(json.loads((tmp_path / "resumed" / "manifest.json").read_text())["shards"]) == 1
     monkeypatch.setattr(features_module, "write_shard", real_write)
-    resumed = extract_features(vlm, processor, images, rows, tmp_path / "resumed", shard_size=4, batch_size=4, max_new_tokens=5)
+    resumed = extract_features(vlm, processor, source, tmp_path / "resumed", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4,
+                               max_new_tokens=5)
     assert [s["sha256"] for s in resumed.shards] == [s["sha256"] for s in whole.shards]
     assert len(resumed) == 12 and resumed[11]["text"] == whole[11]["text"]
 
 
 def test_cache_errors(tiny, tmp_path):
     _, (vlm, processor), _ = tiny
-    images, rows = _data(8)
-    cache = extract_features(vlm, processor, images, rows, tmp_path / "f", shard_size=4, batch_size=4, max_new_tokens=4)
+    source = _data(8)
+    cache = extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4, max_new_tokens=4)
     with pytest.raises(ValueError, match="expected 3584"):
         FeatureCache(tmp_path / "f", expected_width=3584)
     with pytest.raises(FileNotFoundError, match="no feature cache"):
         FeatureCache(tmp_path / "missing")
     with pytest.raises(ValueError, match="use another folder"):
-        extract_features(vlm, processor, images, rows, tmp_path / "f", shard_size=4, batch_size=4, max_new_tokens=9)
+        extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4, max_new_tokens=9)
     shard = tmp_path / "f" / cache.shards[1]["file"]
     data = bytearray(shard.read_bytes()); data[-10] ^= 0xFF; shard.write_bytes(bytes(data))
     fresh = FeatureCache(tmp_path / "f")
@@ -98,11 +100,12 @@ def test_cache_errors(tiny, tmp_path):
 def test_cache_pixels_are_the_described_images(tiny, tmp_path):
     _, (vlm, processor), _ = tiny
     root = write_image_caption_set(tmp_path / "data", 1, themes=[THEMES["color_object"]])
-    images, rows = load_bank(root, "train")
-    cache = extract_features(vlm, processor, images[:6], rows[:6], tmp_path / "f", shard_size=6, batch_size=6, max_new_tokens=4)
-    assert torch.equal(cache_pixels(cache, root, "train"), to_pixels(images[:6]))
-    with pytest.raises(ValueError, match="was not extracted from the validation split"):
-        cache_pixels(cache, root, "validation")
+    source = open_image_captions(root, "train")
+    cache = extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, samples=6, shard_size=6, batch_size=6,
+                             max_new_tokens=4)
+    assert torch.equal(cache_pixels(cache, source, [5, 0, 5], 32), to_pixels(np.stack([source.image(i) for i in (5, 0, 5)])))
+    with pytest.raises(ValueError, match="pass the source the cache was extracted from"):
+        cache_pixels(cache, open_image_captions(root, "validation"), [0], 32)
 
 
 def test_t5_init_copies_the_final_norm(tiny):
@@ -116,8 +119,7 @@ def test_t5_init_copies_the_final_norm(tiny):
 
 def test_killed_training_resumes_bit_equal(tiny, tmp_path):
     _, (vlm, processor), (t5, t5_tok) = tiny
-    images, rows = _data(12)
-    cache = extract_features(vlm, processor, images, rows, tmp_path / "f", shard_size=6, batch_size=6, max_new_tokens=6)
+    cache = extract_features(vlm, processor, _data(12), tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=6, batch_size=6, max_new_tokens=6)
     batches = AlignerBatches(cache, "generated-masked", processor.tokenizer, t5_tok, batch_size=4)
     def train(path, crash_at=None):
         torch.manual_seed(0)

@@ -118,8 +118,10 @@ def test_bad_input(processor, tiny_vlm):
         vlm_batch(processor, [icl_messages(prompt.texts)], [prompt.images()], max_images=4)
     with pytest.raises(ValueError, match="2 pictures but 1 images"):
         vlm_batch(processor, [icl_messages(task_prompts(TASKS[0], 2, 1)[0].texts)], [[render("color_object", "car", "red")]])
-    with pytest.raises(ValueError, match="square"):
-        vlm_batch(processor, [description_messages("What is in this image?")], [[np.zeros((32, 48, 3), np.uint8)]])
+    # a non-square image is no error: the mini VLM sees its central square
+    wide = np.zeros((32, 48, 3), np.uint8); wide[:, 8:40] = render("color_object", "car", "red")
+    crops = [vlm_batch(processor, [description_messages("What is in this image?")], [[im]]) for im in (wide, wide[:, 8:40])]
+    assert torch.equal(crops[0]["pixel_values"], crops[1]["pixel_values"])
     # other modes and sizes are converted: a grey 64x64 image gives the same 16 tokens as an RGB 32x32 one
     grey = Image.fromarray(render("color_object", "car", "red", size=64)).convert("L")
     batch = vlm_batch(processor, [description_messages("What is in this image?")], [[grey]])

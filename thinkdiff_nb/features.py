@@ -4,11 +4,12 @@
 from __future__ import annotations
 import bisect, hashlib, json, os, random, time
 from pathlib import Path
+from typing import Sequence
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from .backbones import DESCRIBE_INSTRUCTIONS, description_messages, process_state, vlm_batch
+from .backbones import description_messages, process_state, vlm_batch
 
 # %% auto #0
 __all__ = ['CAPTURES', 'MANIFEST', 'ENTRY', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'write_shard',
@@ -158,12 +159,16 @@ def _merge_entries(root: Path, manifest: dict):
     _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
     for p in entries: p.unlink()
 
-def extract_features(model, processor, images, rows: list[dict], root: str | Path, shard_size: int = 1024,
-                     batch_size: int = 64, max_new_tokens: int = 24, seed: int = 0, image_size: int | None = 32) -> FeatureCache:
-    "Extract (or finish extracting) the features of `images` with their data-set `rows` into a shard folder, shards split over processes."
+def extract_features(model, processor, source, root: str | Path,
+                     instructions: Sequence[str],  # one is drawn per image: a profile's `describe_instructions`
+                     samples: int = 0,             # the first `samples` of the source; 0: all of it
+                     shard_size: int = 1024, batch_size: int = 64, max_new_tokens: int = 24, seed: int = 0,
+                     image_size: int | None = 32) -> FeatureCache:
+    "Extract (or finish extracting) the features of a source's images, with their rows, into a shard folder; shards split over processes."
     root, state = Path(root), process_state()
     root.mkdir(parents=True, exist_ok=True)
-    params = {"samples": len(rows), "shard_size": shard_size, "max_new_tokens": max_new_tokens, "seed": seed,
+    n = min(samples or len(source), len(source))
+    params = {"samples": n, "shard_size": shard_size, "max_new_tokens": max_new_tokens, "seed": seed,
               "temperature": 0.6, "top_p": 0.9, "model": str(getattr(model.config, "_name_or_path", "")),
               "weights": weights_digest(model)}  # retrained weights at the same path must not reuse old features
     width = model.config.text_config.hidden_size
@@ -177,22 +182,23 @@ def extract_features(model, processor, images, rows: list[dict], root: str | Pat
     elif state.is_main_process: _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))  # params first
     state.wait_for_everyone()
     done = {s["file"] for s in manifest["shards"]} | {json.loads(p.read_text())["file"] for p in root.glob(ENTRY.format("*"))}
-    n_shards = -(-len(rows) // shard_size)
+    n_shards = -(-n // shard_size)
     mine = range(state.process_index, n_shards, state.num_processes)  # process r makes shards r, r + N, r + 2N, ...
     for k in tqdm(mine, desc="feature shards", disable=not state.is_main_process):
         name = f"shard-{k:05d}.safetensors"
         if name in done: continue
-        rng, lo = random.Random(seed * 100_003 + k), k * shard_size
-        shard_rows = [{"instruction": rng.choice(DESCRIBE_INSTRUCTIONS), **rows[i]} for i in range(lo, min(lo + shard_size, len(rows)))]
-        samples = []
-        for b in range(0, len(shard_rows), batch_size):
-            chunk = shard_rows[b:b + batch_size]
-            torch.manual_seed(seed * 100_003 + k * 1_009 + b)
-            samples += generate_with_features(model, processor, [description_messages(r["instruction"]) for r in chunk],
-                                              [[images[lo + b + j]] for j in range(len(chunk))], max_new_tokens,
-                                              image_size=image_size)
-        for r, s in zip(shard_rows, samples): r["text"] = s["text"]
-        write_shard(root / name, samples, shard_rows)
+        rng, lo, hi = random.Random(seed * 100_003 + k), k * shard_size, min((k + 1) * shard_size, n)
+        shard_rows, features = [], []  # the shard's rows and features; images live one batch at a time
+        for b in range(lo, hi, batch_size):
+            items = [source[i] for i in range(b, min(b + batch_size, hi))]
+            images = [[item.pop("pixels")] for item in items]  # (H, W, 3) uint8 each, at its own size
+            rows = [{"instruction": rng.choice(instructions), **item} for item in items]
+            torch.manual_seed(seed * 100_003 + k * 1_009 + b - lo)
+            features += generate_with_features(model, processor, [description_messages(r["instruction"]) for r in rows],
+                                               images, max_new_tokens, image_size=image_size)
+            shard_rows += rows
+        for r, s in zip(shard_rows, features): r["text"] = s["text"]
+        write_shard(root / name, features, shard_rows)
         _atomic_write_text(root / ENTRY.format(name), json.dumps({"file": name, "samples": len(shard_rows), "sha256": sha256(root / name)}))
         if state.is_main_process: _merge_entries(root, manifest)
     state.wait_for_everyone()

@@ -10,7 +10,8 @@ import argparse, json, platform, random, statistics, tempfile, time
 from pathlib import Path
 import torch
 from thinkdiff_nb.aligner import Aligner, init_norm_from_t5, t5_final_norm_weight
-from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, description_messages, get_profile, load_t5, load_vlm
+from thinkdiff_nb.backbones import description_messages, get_profile, load_t5, load_vlm
+from thinkdiff_nb.data import MemorySource
 from thinkdiff_nb.features import extract_features, generate_with_features
 from thinkdiff_nb.pretrain import fit, load_bank
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn
@@ -28,7 +29,7 @@ def renders(n: int, seed: int, workdir: Path):
 def time_generation(vlm, processor, images, args) -> dict:
     "Median seconds per capture variant over alternating rounds, and whether every variant sampled the same answers."
     rng = random.Random(args.seed)
-    messages = [description_messages(rng.choice(DESCRIBE_INSTRUCTIONS)) for _ in images]
+    messages = [description_messages(rng.choice(get_profile(args.profile).describe_instructions)) for _ in images]
     seconds, texts = {c: [] for c in (None, "hook", "hidden_states")}, {}
     for round_ in range(args.repeats + 1):  # round 0 warms up
         for capture in seconds:
@@ -61,8 +62,8 @@ def time_training(vlm, processor, images, rows, args, workdir: Path) -> dict:
     "Median seconds of the training loop on the memory-mapped cache and on the same samples held in memory."
     profile = get_profile(args.profile)
     t5, t5_tokenizer = load_t5(profile)
-    cache = extract_features(vlm, processor, images, rows, workdir / "features", batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed)
+    cache = extract_features(vlm, processor, MemorySource(images, rows), workdir / "features", profile.describe_instructions,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed)
     in_memory = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in cache[i].items()} for i in range(len(cache))]
     seconds, losses = {"memory_mapped": [], "in_memory": []}, {}
     for round_ in range(args.repeats + 1):  # round 0 warms up
