@@ -83,3 +83,22 @@ def test_train_notebook_on_tiny_paper_then_from_the_cache_loads_only_the_t5_deco
                         data_dir=str(tmp_path / "first" / "data"), output_dir=str(tmp_path / "second"))
     assert second["run"]["loaded"] == {"t5": "decoder only", "vlm": None, "image_decoder": None}
     assert (tmp_path / "second" / "aligner" / "config.json").exists()  # the notebook reloads it and asserts it bit-equal
+
+
+def test_premise_notebook_measures_the_released_layout_against_both_t5s(tmp_path):
+    "07_premise on tiny-paper: a released-layout aligner, answers to mixed-size webdataset images, Flan-T5's and FLUX's T5."
+    from thinkdiff_nb.data import write_webdataset
+    data = write_webdataset(tmp_path / "wds", n_train=0, n_validation=10, per_tar=4)
+    released = write_official(tmp_path / "thinkdiff_lvlm.pth", projector(48, 32))
+    metrics = _papermill("07_premise.ipynb", tmp_path, profile="tiny-paper", aligner=str(released), data_dir=str(data),
+                         samples=8, max_new_tokens=6, extract_batch_size=8, batch_size=4, eval_batches=1,
+                         output_dir=str(tmp_path / "premise"))
+    spaces = metrics["metrics"]["t5_space"]
+    assert set(spaces) == {"Flan-T5 encoder", "image decoder's T5"} and metrics["run"]["pipeline_class"] == "FluxPipeline"
+    for space in spaces.values():  # Qwen's BPE and T5's SentencePiece paired through character offsets
+        assert space["matched_share"] == 1.0 and space["rows"] >= 8 and -1 <= space["cosine"] <= 1
+    assert spaces["Flan-T5 encoder"]["states_rms"] != spaces["image decoder's T5"]["states_rms"]  # two different T5s
+    flow = metrics["metrics"]["image_decoder_flow_loss"]
+    assert np.isfinite(flow["aligned"]) and np.isfinite(flow["empty_prompt"]) and flow["aligned"] != flow["empty_prompt"]
+    assert 0 <= metrics["metrics"]["t5_decoder_read_back"]["token_accuracy"] <= 1
+    assert (tmp_path / "premise" / "premise.png").exists() and (tmp_path / "premise" / "t5_space.md").exists()

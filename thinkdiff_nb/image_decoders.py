@@ -23,6 +23,7 @@ class ImageDecoder(ABC):
     default_guidance: float # guidance when a caller passes 0
     device: torch.device    # where the decoder runs; conditioning and images are moved there
     width: int              # the T5 width of the prompt embeds it reads
+    text_tokenizer: object  # the tokenizer of its own T5 (whose states `encode_prompt` returns, one per token)
     @abstractmethod
     def encode_prompt(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         "(prompt embeds (B, L, d) from the decoder's own T5, pooled vectors (B, d_pool)) of texts."
@@ -43,14 +44,14 @@ class PixelDecoder(ImageDecoder):
     "The mini decoder: a pixel-space FluxTransformer2DModel read through the mini T5's encoder."
     pipeline_class, default_steps, default_guidance, size = "FluxTransformer2DModel (pixel space)", 20, 4.0, 32
     def __init__(self, transformer, t5, tokenizer):
-        self.transformer, self.t5, self.tokenizer = transformer, t5, tokenizer
+        self.transformer, self.t5, self.text_tokenizer = transformer, t5, tokenizer
         self.empty_embeds = encode_text(t5, tokenizer, [""], TEXT_LENGTH)  # (1, 24, d): the unconditional branch
         self._empty_pooled = empty_pooled(t5, tokenizer)                    # (1, d): the pooled input of every prompt
         self.width = transformer.config.joint_attention_dim
     @property
     def device(self) -> torch.device: return self.transformer.device
     def encode_prompt(self, texts):
-        return encode_text(self.t5, self.tokenizer, texts, TEXT_LENGTH), self.empty_pooled(len(texts))
+        return encode_text(self.t5, self.text_tokenizer, texts, TEXT_LENGTH), self.empty_pooled(len(texts))
     def empty_pooled(self, n): return self._empty_pooled.expand(n, -1)
     def draw(self, embeds, pooled, steps=0, guidance=0.0, seed=0, size=0):
         if size not in (0, self.size): raise ValueError(f"the mini decoder draws {self.size}x{self.size} images, not {size}x{size}")
@@ -66,6 +67,7 @@ class FluxDecoder(ImageDecoder):
     def __init__(self, pipe: FluxPipeline, max_sequence_length: int = 128):  # FLUX T5 tokens of encoded text
         self.pipe, self.max_sequence_length = pipe, max_sequence_length
         self.pipeline_class, self.width = type(pipe).__name__, pipe.transformer.config.joint_attention_dim
+        self.text_tokenizer = pipe.tokenizer_2  # T5-v1.1's, whose states FLUX reads
         pipe.set_progress_bar_config(disable=True)  # callers show one bar over their batches
         self._empty = None
     @property

@@ -4,22 +4,24 @@
 from __future__ import annotations
 import random
 from pathlib import Path
+from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .backbones import process_share, process_state, share_of, to_pixels
+from .backbones import prepare_image, process_share, process_state, share_of, to_pixels
 from .image_decoders import ImageDecoder
 from .aligner import Aligner, apply_readout, fit_readout, init_norm_from_t5, t5_final_norm_weight
 from .features import FeatureCache, cache_complete, extract_features
-from .pretrain import fit, load_bank
+from .pretrain import fit
+from .data import open_image_captions
 from .world import write_image_caption_set
 
 # %% auto #0
 __all__ = ['MODES', 'split_point', 'make_example', 'collate', 'label_tokens', 'AlignerBatches', 'aligner_loss', 'aligner_loss_fn',
            'continuation_metrics', 'cache_pixels', 'ImageBatches', 'image_loss_fn', 'image_loss_metrics',
-           'content_probe', 't5_space_pairs', 't5_space_agreement', 't5_readout', 'train_aligner', 'image_caption_root',
-           'feature_caches']
+           'content_probe', 'encoder_states', 'decoder_states', 'token_starts', 'paired_rows', 't5_space_pairs',
+           't5_space_agreement', 't5_readout', 'train_aligner', 'image_caption_root', 'feature_caches']
 
 # %% ../nbs/02c_training.ipynb #065af3e5
 MODES = ("generated-masked", "generated-full", "input", "generated-image")
@@ -101,21 +103,26 @@ def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 
     return {"loss": float(np.mean(losses)), "token_accuracy": right / total, "tokens": total}
 
 # %% ../nbs/02c_training.ipynb #524fbf56
-def cache_pixels(cache: FeatureCache, data_root, split: str = "train") -> torch.Tensor:
-    "The images (N, 3, H, W) in [-1, 1] a cache was extracted from, checked against the data set's index row by row."
-    images, rows = load_bank(data_root, split)
-    def key(row): return row["image"], row["caption"]
-    if [key(cache[i]) for i in range(len(cache))] != [key(r) for r in rows[:len(cache)]]:
-        raise ValueError(f"the feature cache at {cache.root} was not extracted from the {split} split at {data_root}, in order")
-    return to_pixels(images[:len(cache)])
+def cache_pixels(cache: FeatureCache, source, indices: list[int], size: int) -> torch.Tensor:
+    "Images (B, 3, size, size) in [-1, 1] of cached samples `indices`, read from the source the cache was extracted from."
+    images = []
+    for i in indices:
+        cached, item = cache[i], source[i]
+        if (cached["image"], cached["caption"]) != (item["image"], item["caption"]):
+            raise ValueError(f"sample {i} of the feature cache at {cache.root} describes image {cached['image']!r} ({cached['caption']!r}) "
+                             f"but the source's sample {i} is {item['image']!r} ({item['caption']!r}): pass the source the cache was extracted from")
+        images.append(np.asarray(prepare_image(item["pixels"], size)))  # the central square, resized: (size, size, 3)
+    return to_pixels(np.stack(images))
 
 class ImageBatches:
     "Random global batches of (generated states zero-padded to n_rows, the images they describe); returns this process's share."
-    def __init__(self, cache: FeatureCache, pixels: torch.Tensor, batch_size: int = 32,
+    def __init__(self, cache: FeatureCache, source,  # source: the image-caption source the cache was extracted from
+                 size: int,                  # side of the images the decoder reads
+                 batch_size: int = 32,
                  n_rows: int | None = None,  # default: the cache's max_new_tokens, the rows inference generates
                  share: tuple[int, int] | None = None):  # (rank, processes); None: this process's under accelerate
-        if len(pixels) != len(cache): raise ValueError(f"{len(pixels)} images for {len(cache)} cached samples; pass the images the cache was extracted from")
-        self.cache, self.pixels, self.bs = cache, pixels, batch_size
+        if len(source) < len(cache): raise ValueError(f"{len(source)} images for {len(cache)} cached samples; pass the source the cache was extracted from")
+        self.cache, self.source, self.size, self.bs = cache, source, size, batch_size
         self.n_rows = n_rows or cache.manifest["params"]["max_new_tokens"]
         self.share = share or process_share()
         share_of(batch_size, self.share)
@@ -126,7 +133,7 @@ class ImageBatches:
         for j, i in enumerate(idx):
             rows = self.cache[i]["generated_features"][:self.n_rows]
             features[j, :len(rows)] = rows.float()
-        return features, self.pixels[idx]
+        return features, cache_pixels(self.cache, self.source, idx, self.size)
 
 def image_loss_fn(decoder: ImageDecoder, batches: ImageBatches):
     "A `fit` loss of any features -> tokens map: the frozen image decoder's flow matching, pooled as the empty prompt."
@@ -175,35 +182,73 @@ def content_probe(train_cache, val_cache, rows: tuple = (0, 1, 2, 3, 4), max_tra
     return out
 
 # %% ../nbs/02c_training.ipynb #7a1ef223
+def encoder_states(t5, tokenizer):
+    "text -> (T5 encoder states (T, d) of its tokens and </s>, each token's character span): what the aligner's T5 writes."
+    def states(text: str):
+        enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
+        return t5.get_encoder()(input_ids=enc.input_ids.to(t5.device)).last_hidden_state[0], enc.offset_mapping[0].tolist()
+    return states
+
+def decoder_states(decoder: ImageDecoder):
+    "text -> (the image decoder's own T5 states (T, d) as it reads the text as a prompt, each token's character span)."
+    def states(text: str):
+        spans = decoder.text_tokenizer(text, return_offsets_mapping=True).offset_mapping  # its tokens and </s>, no padding
+        embeds = decoder.encode_prompt([text])[0][0]  # (L, d), padded or cut to the decoder's text length
+        return embeds[:len(spans)], spans[:len(embeds)]
+    return states
+
+def token_starts(tokenizer, ids: list[int]) -> list[int | None]:
+    "Where in the decoded text each token's first visible character sits (None for a token that shows none, e.g. EOS)."
+    starts, done = [], 0
+    for k in range(len(ids)):
+        text = tokenizer.decode(ids[:k + 1], skip_special_tokens=True)
+        piece = text[done:]
+        starts.append(done + len(piece) - len(piece.lstrip()) if piece.strip() else None)
+        done = len(text)
+    return starts
+
+def paired_rows(vlm_tokenizer, ids: list[int], spans: list) -> list[tuple[int, int]]:
+    "(generated row k, encoder token j) pairs: each answer token with the encoder token holding its first character, EOS with </s>."
+    closing = len(spans) - 1 if spans and tuple(spans[-1]) == (0, 0) else None  # the encoder's </s>, which holds no text
+    pairs = []
+    for k, start in enumerate(token_starts(vlm_tokenizer, ids)):
+        if ids[k] == vlm_tokenizer.eos_token_id: j = closing
+        else: j = next((j for j, (a, b) in enumerate(spans) if start is not None and a <= start < b), None)
+        if j is not None: pairs.append((k, j))
+    return pairs
+
 @torch.no_grad()
-def t5_space_pairs(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> tuple[list, int]:
-    "Per sample whose answer tokens match T5's one to one: (aligned generated rows (L, d), T5 encoder states of the same tokens (L, d)); and the samples tried."
+def t5_space_pairs(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> tuple[list, int]:
+    "Per sample with paired tokens: (aligned generated rows (R, d), `states`' encoder states of the same tokens (R, d)); and the samples tried."
     pairs, tried = [], min(n, len(cache))
     for i in tqdm(range(tried), desc="T5-space pairs", leave=False):
         item = cache[i]
         ids = item["generated_ids"].tolist()
-        answer = vlm_tokenizer.decode(ids, skip_special_tokens=True)
-        t5_ids = t5_tokenizer(answer, return_tensors="pt").input_ids.to(t5.device)  # the answer's tokens, then </s>
-        if t5_ids.shape[1] != len(ids) + (ids[-1] != vlm_tokenizer.eos_token_id): continue  # no 1:1 token match
-        aligned = aligner(item["generated_features"].float().to(aligner.device))       # (L, d): row k predicts token k
-        pairs.append((aligned, t5.get_encoder()(input_ids=t5_ids).last_hidden_state[0, :len(aligned)]))
+        encoded, spans = states(vlm_tokenizer.decode(ids, skip_special_tokens=True))
+        rows = paired_rows(vlm_tokenizer, ids, spans)
+        if not rows: continue
+        aligned = aligner(item["generated_features"].float().to(aligner.device))  # (L, d): row k predicts token k
+        k, j = (list(r) for r in zip(*rows))
+        if k == j == list(range(len(aligned))): pairs.append((aligned, encoded[:len(aligned)].to(aligned)))  # token for token
+        else: pairs.append((aligned[k], encoded[j].to(aligned)))
     return pairs, tried
 
-def t5_space_agreement(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> dict:
-    "Cosine and held-out affine R² between aligned generated rows and the T5 encoder states of the same answer tokens."
-    pairs, tried = t5_space_pairs(aligner, t5, t5_tokenizer, vlm_tokenizer, cache, n)
+def t5_space_agreement(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> dict:
+    "Cosine, scales and held-out affine R² between aligned generated rows and a text encoder's states of the same answer tokens."
+    pairs, tried = t5_space_pairs(aligner, states, vlm_tokenizer, cache, n)
     if len(pairs) < 4: return {"matched_share": len(pairs) / tried, "cosine": None, "affine_r2": None}
     half = len(pairs) // 2
     (x_fit, y_fit), (x_val, y_val) = [[torch.cat(rows) for rows in zip(*part)] for part in (pairs[:half], pairs[half:])]
     residual = ((apply_readout(x_val, fit_readout(x_fit, y_fit)) - y_val) ** 2).sum() / ((y_val - y_val.mean(0)) ** 2).sum()
-    aligned, states = (torch.cat(rows) for rows in zip(*pairs))
+    aligned, encoded = (torch.cat(rows) for rows in zip(*pairs))
     return {"matched_share": len(pairs) / tried, "rows": len(aligned),
-            "cosine": float(F.cosine_similarity(aligned, states, dim=-1).mean()), "affine_r2": float(1 - residual)}
+            "cosine": float(F.cosine_similarity(aligned, encoded, dim=-1).mean()), "affine_r2": float(1 - residual),
+            "aligned_rms": float(aligned.pow(2).mean().sqrt()), "states_rms": float(encoded.pow(2).mean().sqrt())}
 
-def t5_readout(aligner: Aligner, t5, t5_tokenizer, vlm_tokenizer, cache: FeatureCache, n: int = 4096) -> torch.Tensor:
-    "The affine readout (see `fit_readout`) of an aligner, fitted on the first `n` samples of a (training) cache."
-    pairs, _ = t5_space_pairs(aligner, t5, t5_tokenizer, vlm_tokenizer, cache, n)
-    if not pairs: raise ValueError("no sample's answer tokens match T5's one to one; the readout needs corresponding tokens")
+def t5_readout(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache, n: int = 4096) -> torch.Tensor:
+    "The affine readout (see `fit_readout`) of an aligner onto `states`, fitted on the first `n` samples of a (training) cache."
+    pairs, _ = t5_space_pairs(aligner, states, vlm_tokenizer, cache, n)
+    if not pairs: raise ValueError("no answer token could be paired with an encoder token; the readout needs corresponding tokens")
     return fit_readout(*(torch.cat(rows) for rows in zip(*pairs)))
 
 # %% ../nbs/02c_training.ipynb #bdb72671
@@ -213,7 +258,8 @@ def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tok
                   lr: float = 1e-3, min_lr: float = 0.0, warmup: int = 100, weight_decay: float = 0.05, max_split: int = 128,
                   ckpt_every: int = 250, eval_batches: int = 10, seed: int = 0,
                   decoder: ImageDecoder | None = None,  # generated-image only: the frozen image decoder
-                  pixels: torch.Tensor | None = None,   # generated-image only: the training images (N, 3, H, W) in [-1, 1]
+                  source=None,                          # generated-image only: the image-caption source of the training cache
+                  pixel_size: int = 32,                 # generated-image only: side of the images the decoder trains on
                   ) -> tuple[Aligner, list[float], dict]:
     "Train one aligner (data-parallel under `accelerate launch`); returns it, its per-step losses and its held-out continuation metrics."
     out_dir = Path(out_dir)
@@ -221,8 +267,8 @@ def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tok
     aligner = Aligner(train_cache.width, t5.config.d_model, norm=norm)
     if norm == "t5": init_norm_from_t5(aligner, t5_final_norm_weight(t5_source))
     if mode == "generated-image":
-        if decoder is None or pixels is None: raise ValueError("mode 'generated-image' trains on the image decoder: pass decoder and pixels")
-        loss_fn = image_loss_fn(decoder, ImageBatches(train_cache, pixels, batch_size))
+        if decoder is None or source is None: raise ValueError("mode 'generated-image' trains on the image decoder: pass decoder and source")
+        loss_fn = image_loss_fn(decoder, ImageBatches(train_cache, source, pixel_size, batch_size))
     else: loss_fn = aligner_loss_fn(t5, AlignerBatches(train_cache, mode, vlm_tokenizer, t5_tokenizer, batch_size, max_split))
     run = fit(aligner, loss_fn, steps, out_dir / "checkpoint.pt", lr=lr, warmup=warmup,
               weight_decay=weight_decay, ckpt_every=ckpt_every, seed=seed, desc=f"aligner {mode} norm={norm}",
@@ -239,18 +285,20 @@ def image_caption_root(data_root, render_if_missing: bool = True, images_per_pai
         if render_if_missing and not (data_root / "train.jsonl").exists(): write_image_caption_set(data_root, images_per_pair, seed=seed)
     return data_root
 
-def feature_caches(vlm_loader, processor, width: int, cache_dir, data_root, render_if_missing: bool = True,
-                   images_per_pair: int = 1, max_images: int = 0, validation_samples: int = 256, max_new_tokens: int = 24,
-                   batch_size: int = 64, seed: int = 0, image_size: int | None = 32) -> dict[str, FeatureCache]:
+def feature_caches(vlm_loader, processor, width: int, cache_dir, data_root,
+                   instructions: Sequence[str],  # one drawn per image: the profile's `describe_instructions`
+                   render_if_missing: bool = True, images_per_pair: int = 1, max_images: int = 0, validation_samples: int = 256,
+                   shard_size: int = 1024,       # feature samples per shard
+                   max_new_tokens: int = 24, batch_size: int = 64, seed: int = 0, image_size: int | None = 32) -> dict[str, FeatureCache]:
     "The train and validation caches under `cache_dir`, extracted if needed; `vlm_loader()` loads the VLM only then."
     caches, vlm = {}, None
     for split in ("train", "validation"):
         root = Path(cache_dir) / split
         if not cache_complete(root):
-            images, rows = load_bank(image_caption_root(data_root, render_if_missing, images_per_pair, seed), split)
-            n = min(len(rows), max_images or len(rows)) if split == "train" else min(len(rows), validation_samples)
+            source = open_image_captions(image_caption_root(data_root, render_if_missing, images_per_pair, seed), split)
             vlm = vlm or vlm_loader()
-            extract_features(vlm, processor, images[:n], rows[:n], root, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            extract_features(vlm, processor, source, root, instructions, max_images if split == "train" else validation_samples,
+                             shard_size=shard_size, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              seed=seed + (split == "validation"), image_size=image_size)
         caches[split] = FeatureCache(root, expected_width=width)
     return caches
