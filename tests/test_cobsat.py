@@ -1,15 +1,17 @@
-"CoBSAT on MiniCoBSAT: the inference path, the scoring rule, the evaluation notebook and its determinism."
-import json
+"CoBSAT: the inference path, the scoring rule, the released-image layout, the evaluation notebook, its determinism over processes."
+import json, os, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from thinkdiff_nb.world import TASKS, task_prompts
-from thinkdiff_nb.backbones import get_profile, load_judge
+from thinkdiff_nb.backbones import get_profile
+from thinkdiff_nb.judges import load_cobsat_judge
 from thinkdiff_nb.aligner import Aligner, save_readout
 from thinkdiff_nb.inference import METHODS, ThinkDiff, conditioning, respond
-from thinkdiff_nb.cobsat import accuracy_table, evaluate, score
+from thinkdiff_nb.cobsat import (CobsatImages, accuracy_table, cobsat_image_path, evaluate, evaluate_block, score,
+                                 write_cobsat_folder)
 
 NBS = Path(__file__).parents[1] / "nbs"
 
@@ -66,14 +68,45 @@ def test_both_right_scoring_on_hand_made_judge_outputs():
 
 
 def test_evaluation_is_deterministic_and_resumable(tiny_td, tmp_path):
-    judge = load_judge(get_profile("tiny-random"))
-    kwargs = dict(shots=(2,), n_prompts=3, methods=("thinkdiff", "text-bridge"), tasks=TASKS[:2], n_tokens=4, steps=2)
-    a = evaluate(tiny_td, judge, tmp_path / "a", **kwargs)
-    b = evaluate(tiny_td, judge, tmp_path / "b", **kwargs)
+    judges = {"mini": load_cobsat_judge("tiny-random", "mini")}
+    kwargs = dict(shots=(2,), n_prompts=3, methods=("thinkdiff", "text-bridge"), tasks=TASKS[:2], n_tokens=4, steps=2, batch_size=2)
+    a = evaluate(tiny_td, judges, tmp_path / "a", **kwargs)
+    b = evaluate(tiny_td, judges, tmp_path / "b", **kwargs)
     pd.testing.assert_frame_equal(a, b)
     (tmp_path / "a" / "shot2_task02.csv").unlink()  # a stopped run: task 2 missing
-    pd.testing.assert_frame_equal(evaluate(tiny_td, judge, tmp_path / "a", **kwargs), a)
+    pd.testing.assert_frame_equal(evaluate(tiny_td, judges, tmp_path / "a", **kwargs), a)
     assert set(a["method"]) == {"vlm-text", "thinkdiff", "text-bridge"} and len(a) == 3 * 3 * 2
+    assert a[a["method"] == "thinkdiff"]["prompt"].tolist() == [0, 1, 2] * 2  # blocks 0-1 and 2 joined in prompt order
+
+
+def test_a_block_stopped_halfway_resumes_to_the_same_records(tiny_td, tmp_path):
+    "Blocks already written are kept; the missing one is computed with its own seeds, whichever process would have."
+    judges = {"mini": load_cobsat_judge("tiny-random", "mini")}
+    kwargs = dict(shots=(4,), n_prompts=3, methods=("thinkdiff",), tasks=TASKS[4:5], n_tokens=4, steps=2, batch_size=2)
+    whole = evaluate(tiny_td, judges, tmp_path / "whole", **kwargs)
+    part = tmp_path / "part"; part.mkdir()
+    prompts = task_prompts(TASKS[4], 4, 3)
+    block = evaluate_block(tiny_td, judges, TASKS[4], 4, 2, prompts[2:], ("thinkdiff",), n_tokens=4, steps=2)[0]
+    block.to_csv(part / "shot4_task05.block0002.csv", index=False)  # the second process's block, written before a stop
+    pd.testing.assert_frame_equal(evaluate(tiny_td, judges, part, **kwargs), whole)
+    assert sorted(p.name for p in part.iterdir()) == ["shot4_task05.csv"]
+
+
+def test_released_layout_is_read_and_a_missing_image_is_named(tmp_path):
+    folder = write_cobsat_folder(tmp_path / "cobsat", sizes=(40, 56))
+    prompt = task_prompts(TASKS[3], 4, 1)[0]  # Background-II: the latent is the background
+    demos = CobsatImages(folder).demonstrations(prompt)
+    assert [d.shape[:2] for d in demos] != [(64, 64)] * 4 and all(d.dtype == np.uint8 for d in demos)
+    s, a = prompt.demo_pairs[0]
+    assert cobsat_image_path(folder, "background_animal", s, a) == folder / "datasets" / f"background_{s}" / f"{a}_{s}.jpg"
+    cobsat_image_path(folder, "background_animal", s, a).write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=f"{a}_{s}.jpg cannot be read"):
+        CobsatImages(folder).demonstrations(prompt)
+    cobsat_image_path(folder, "texture_object", "cup", "lace").unlink()
+    with pytest.raises(FileNotFoundError, match="1 of CoBSAT's 500 images are missing, e.g. .*texture_cup/lace_cup.jpg"):
+        CobsatImages(folder)
+    with pytest.raises(FileNotFoundError, match="no datasets/ folder"):
+        CobsatImages(tmp_path)
 
 
 def _run_cobsat(tmp_path, aligners, name, **params):
@@ -100,6 +133,10 @@ def test_cobsat_notebook_rejects_bad_parameters(tmp_path, aligners):
     import papermill as pm
     with pytest.raises(pm.PapermillExecutionError, match="parameter shots"):
         _run_cobsat(tmp_path, aligners, "bad", shots=[3])
+    with pytest.raises(pm.PapermillExecutionError, match=r"unknown judges \['gpt'\]"):
+        _run_cobsat(tmp_path, aligners, "judge", judge="gpt")
+    with pytest.raises(pm.PapermillExecutionError, match="no datasets/ folder"):
+        _run_cobsat(tmp_path, aligners, "cobsat", cobsat_dir=str(tmp_path))
     with pytest.raises(pm.PapermillExecutionError, match="no trained aligner"):
         _run_cobsat(tmp_path, aligners, "missing", aligner_full=str(tmp_path / "nowhere"))
 
@@ -110,3 +147,47 @@ def test_generate_notebook_names_an_aligner_it_does_not_load(tmp_path):
         pm.execute_notebook(str(NBS / "06_generate.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NBS), progress_bar=False,
                             parameters=dict(profile="tiny-random", methods=["no-masking"], output_dir=str(tmp_path / "gen")),
                             kernel_name="python3")
+
+
+def test_cobsat_notebook_on_tiny_paper_with_released_images_and_the_llava_judge(tmp_path):
+    "The paper's path end to end: released-layout images, FluxPipeline, CoBSAT's LLaVA questions and CLIP metric."
+    import papermill as pm
+    folder = write_cobsat_folder(tmp_path / "cobsat", sizes=(40, 64, 96))
+    params = dict(profile="tiny-paper", judge="llava", secondary_judges=["clip"], judge_max_new_tokens=3, cobsat_dir=str(folder),
+                  methods=["thinkdiff", "text-bridge"], n_prompts=2, n_tokens=4, sample_steps=2, shots=[2], batch_size=2)
+    out = tmp_path / "run"
+    pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "run.ipynb"), parameters={**params, "output_dir": str(out)},
+                        progress_bar=False, kernel_name="python3")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run"]["judges"] == ["llava", "clip"] and metrics["run"]["demonstrations"] == str(folder)
+    assert metrics["run"]["pipeline_class"] == "FluxPipeline"
+    records = pd.concat(pd.read_csv(p) for p in sorted((out / "records").glob("*.csv")))
+    drawn = records[records["method"] != "vlm-text"]
+    assert len(drawn) == 10 * 2 * 2 and drawn["reply_subject"].notna().all()  # LLaVA's raw replies are kept
+    assert (drawn["clip_similarity"] >= 0).all() and set(drawn["clip_both"]) <= {True, False}
+    assert (out / "table_2shot_all_clip_both.csv").exists()
+    cobsat_image_path(folder, "action_animal", "dog", "sing").unlink()
+    with pytest.raises(pm.PapermillExecutionError, match="action_dog/sing_dog.jpg"):
+        pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "missing.ipynb"),
+                            parameters={**params, "output_dir": str(tmp_path / "missing")}, progress_bar=False, kernel_name="python3")
+
+
+def test_cobsat_notebook_over_two_processes_matches_one(tmp_path, aligners):
+    "Under accelerate launch the processes share the blocks; the records equal one process's, and only the main one writes."
+    root = Path(__file__).parents[1]
+    params = ["-p", "profile", "tiny-random", "-p", "n_prompts", "3", "-p", "batch_size", "2", "-p", "n_tokens", "4",
+              "-p", "sample_steps", "2", "-y", "shots: [2]\nmethods: [thinkdiff, oracle]",
+              "-p", "aligner_masked", str(aligners / "masked")]
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    bin_dir = Path(sys.executable).parent
+    for command in ([str(bin_dir / "papermill"), "nbs/05_cobsat.ipynb", str(tmp_path / "one.ipynb"), *params,
+                     "-p", "output_dir", str(tmp_path / "one")],
+                    [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519", "tools/papermill_ranks.py",
+                     "nbs/05_cobsat.ipynb", str(tmp_path / "two" / "05_cobsat.ipynb"), *params, "-p", "output_dir", str(tmp_path / "two")]):
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for unit in [f"shot2_task{t:02d}.csv" for t in range(1, 11)]:
+        assert (tmp_path / "one" / "records" / unit).read_text() == (tmp_path / "two" / "records" / unit).read_text()
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["run"]["processes"] == 2
+    assert (tmp_path / "one" / "table_2shot_all_both.csv").read_text() == (tmp_path / "two" / "table_2shot_all_both.csv").read_text()

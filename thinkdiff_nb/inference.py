@@ -12,7 +12,8 @@ from .features import generate_with_features
 from .pretrain import oracle_prompt
 
 # %% auto #0
-__all__ = ['ALIGNER_STATES', 'ALIGNER_METHODS', 'METHODS', 'ThinkDiff', 'respond', 'aligners_needed', 'conditioning']
+__all__ = ['ALIGNER_STATES', 'ALIGNER_METHODS', 'METHODS', 'ThinkDiff', 'rendered_demonstrations', 'respond', 'aligners_needed',
+           'conditioning']
 
 # %% ../nbs/02d_inference.ipynb #7fd9a9f9
 ALIGNER_STATES = {"masked": "generated", "full": "generated", "input": "input", "image": "generated"}  # what each reads
@@ -39,15 +40,20 @@ class ThinkDiff:
         return cls(profile, vlm, processor, load_image_decoder(profile, device, dtype, cpu_offload, text_length), loaded, readouts)
 
 # %% ../nbs/02d_inference.ipynb #74a6ca2f
-def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, seed: int = 0, image_seed: int = 10 ** 6,
-            batch_size: int = 64) -> list[dict]:
+def rendered_demonstrations(prompt: InContextPrompt, image_seed: int = 10 ** 6) -> list:
+    "A prompt's demonstration images drawn by the MiniCoBSAT renderer, with nuisance seeded by the prompt's index."
+    return prompt.images(seed=image_seed + prompt.index)
+
+def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, seed: int = 0, batch_size: int = 64,
+            demonstrations=rendered_demonstrations,  # prompt -> its demonstration images (e.g. CoBSAT's released ones)
+            ) -> list[dict]:
     "Per prompt: prompt states, `n_tokens` generated states, and the answer text up to EOS."
     eos, out = td.processor.tokenizer.eos_token_id, []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         torch.manual_seed(seed + i)
         samples = generate_with_features(td.vlm, td.processor, [icl_messages(p.texts) for p in chunk],
-                                         [p.images(seed=image_seed + p.index) for p in chunk], n_tokens,
+                                         [demonstrations(p) for p in chunk], n_tokens,
                                          ignore_eos=True, image_size=td.profile.image_size)
         for s in samples:
             ids = s["generated_ids"].tolist()
