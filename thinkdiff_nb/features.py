@@ -170,7 +170,8 @@ def extract_features(model, processor, source, root: str | Path,
     n = min(samples or len(source), len(source))
     params = {"samples": n, "shard_size": shard_size, "max_new_tokens": max_new_tokens, "seed": seed,
               "temperature": 0.6, "top_p": 0.9, "model": str(getattr(model.config, "_name_or_path", "")),
-              "weights": weights_digest(model)}  # retrained weights at the same path must not reuse old features
+              "weights": weights_digest(model),  # retrained weights at the same path must not reuse old features
+              "instructions": list(instructions)}  # nor another profile's instructions
     width = model.config.text_config.hidden_size
     manifest = {"width": width, "dtype": "float16", "params": params, "shards": []}
     if (root / MANIFEST).exists():
