@@ -126,6 +126,9 @@ def test_cobsat_notebook_tiny_and_deterministic(tmp_path, aligners):
     table = pd.read_csv(first / "table_2shot_all_both.csv", index_col=0)
     assert list(table.index) == ["vlm-text", *METHODS] and table.shape[1] == 11
     assert (first / "accuracy_by_task.png").exists() and (first / "figure5_2shot.png").exists()
+    beside = pd.read_csv(first / "table_2shot_with_published.csv", index_col=0)  # ours, then the published means
+    assert list(beside.index[-4:]) == [f"{m} (published)" for m in ("thinkdiff", "no-masking", "input-tokens", "text-bridge")]
+    assert beside.loc["thinkdiff (published)", "mean"] == pytest.approx(0.417)
     assert json.loads((first / "metrics.json").read_text())["params"]["n_prompts"] == 2
 
 
