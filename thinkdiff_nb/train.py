@@ -229,8 +229,9 @@ def t5_space_pairs(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache,
         if not rows: continue
         aligned = aligner(item["generated_features"].float().to(aligner.device))  # (L, d): row k predicts token k
         k, j = (list(r) for r in zip(*rows))
-        if k == j == list(range(len(aligned))): pairs.append((aligned, encoded[:len(aligned)].to(aligned)))  # token for token
-        else: pairs.append((aligned[k], encoded[j].to(aligned)))
+        if k == j == list(range(len(aligned))): pairs.append((aligned, encoded[:len(aligned)].to(aligned)))
+        else: pairs.append((aligned[k], encoded[j].to(aligned)))  # a gather would hold the same values as the slices above,
+        # but the readout's least-squares fit rounds its last bits by memory layout: token for token keeps the slices
     return pairs, tried
 
 def t5_space_agreement(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> dict:
