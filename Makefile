@@ -5,16 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup test reproduce benchmark check-clean check-export nbtest pytest
+.PHONY: setup test reproduce benchmark docs check-clean check-export nbtest pytest
 
 setup: $(STAMP)
 
 # torch is pinned to the CPU wheel first so that nothing later pulls a CUDA build; torchvision is never installed.
+# Debian's chromium drives the browser test of the docs site (tests/test_docs_site.py).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	command -v chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+		|| echo "Debian's chromium could not be installed: the browser test of the docs site will be skipped"
 	touch $@
 
 # The notebooks must already be clean: nbdev-clean may not change anything git tracks.
@@ -40,6 +43,13 @@ test: check-clean check-export nbtest pytest
 # The main job on the mini profile: features, three aligners, the RMSNorm ablation, CoBSAT and a generation example.
 reproduce: $(STAMP)
 	bash tools/reproduce.sh $(RUN_ID)
+
+# The docs site in _docs/, offline: nbdev processes the notebooks into a Quarto project (_proc/), smalldocs renders
+# it. Where Quarto exists, nbdev-docs builds the same project.
+docs: $(STAMP)
+	$(BIN)/nbdev-proc-nbs
+	$(BIN)/smalldocs render _proc
+	rm -rf _docs && mv _proc/_docs _docs
 
 # Feature capture vs plain generate, memory-mapped vs in-memory training, the host memory of loading T5's decoder
 # side against the whole model, and of training from webdataset tars of 256 vs 1024 images: prints ratios from one
