@@ -57,6 +57,8 @@ def test_every_page_in_chromium(site):
         assert heading and title.startswith(heading), f"{name}: title {title!r}, heading {heading!r}"
         assert all(images), f"{name}: {images.count(False)} of {len(images)} images did not decode"
     assert seen["index.html"][1] == "thinkdiff_nb"
+    headings = [heading for _, heading, _ in seen.values()]
+    assert len(set(headings)) == len(headings), f"pages share a heading: {sorted(h for h in headings if headings.count(h) > 1)}"
 
 
 def test_sidebar_lists_every_notebook_once():
