@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from .backbones import description_messages, process_state, vlm_batch
 
 # %% auto #0
-__all__ = ['CAPTURES', 'MANIFEST', 'ENTRY', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'write_shard',
-           'memmap_safetensors', 'FeatureCache', 'cache_complete', 'weights_digest', 'extract_features']
+__all__ = ['CAPTURES', 'MANIFEST', 'ENTRY', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256',
+           'atomic_write_text', 'write_shard', 'memmap_safetensors', 'FeatureCache', 'cache_complete', 'weights_digest',
+           'extract_features']
 
 # %% ../nbs/02b_features.ipynb #db7fc507
 def answer_lengths(new_tokens: torch.Tensor, eos_id: int) -> list[int]:
@@ -71,7 +72,8 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
 
-def _atomic_write_text(path: Path, text: str):
+def atomic_write_text(path: Path, text: str):
+    "Write `text` to `path` through a temporary sibling and one rename, so a reader never sees half a file."
     tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(text); os.replace(tmp, path)
 
 def write_shard(path: Path, samples: list[dict], rows: list[dict], dtype=torch.float16):
@@ -158,7 +160,7 @@ def _merge_entries(root: Path, manifest: dict):
     entries = {p: json.loads(p.read_text()) for p in root.glob(ENTRY.format("*"))}
     listed = {s["file"] for s in manifest["shards"]}
     manifest["shards"] = sorted(manifest["shards"] + [e for e in entries.values() if e["file"] not in listed], key=lambda s: s["file"])
-    _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
     for p in entries: p.unlink()
 
 def extract_features(model, processor, source, root: str | Path,
@@ -182,7 +184,7 @@ def extract_features(model, processor, source, root: str | Path,
             raise ValueError(f"{root} holds features extracted with {old['params']} (width {old['width']}); "
                              f"asked for {params} (width {width}): use another folder")
         manifest = old
-    elif state.is_main_process: _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))  # params first
+    elif state.is_main_process: atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))  # params first
     state.wait_for_everyone()
     done = {s["file"] for s in manifest["shards"]} | {json.loads(p.read_text())["file"] for p in root.glob(ENTRY.format("*"))}
     n_shards = -(-n // shard_size)
@@ -202,7 +204,7 @@ def extract_features(model, processor, source, root: str | Path,
             shard_rows += rows
         for r, s in zip(shard_rows, features): r["text"] = s["text"]
         write_shard(root / name, features, shard_rows)
-        _atomic_write_text(root / ENTRY.format(name), json.dumps({"file": name, "samples": len(shard_rows), "sha256": sha256(root / name)}))
+        atomic_write_text(root / ENTRY.format(name), json.dumps({"file": name, "samples": len(shard_rows), "sha256": sha256(root / name)}))
         if state.is_main_process: _merge_entries(root, manifest)
     state.wait_for_everyone()
     if state.is_main_process: _merge_entries(root, manifest)

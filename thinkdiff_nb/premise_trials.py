@@ -13,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .world import TASKS, atomic_dir, parse_pair, task_prompts
 from .backbones import Profile, empty_pooled, flow_matching_loss, load_decoder, load_t5, load_vlm_processor, to_pixels
 from .pretrain import TEXT_LENGTH, atomic_torch_save, caption_table, fit, t5_batch, t5_pairs
+from .features import atomic_write_text
 from .train import (ImageBatches, collate, encoder_states, image_loss_metrics, make_example, t5_space_agreement,
                                 train_aligner)
 from .inference import ALIGNER_METHODS, ThinkDiff, conditioning, respond
@@ -229,9 +230,7 @@ def in_context_decoding(td: ThinkDiff, t5, tokenizer, aligner_name: str = "maske
     return float(np.mean(right))
 
 # %% ../nbs/02f_premise_trials.ipynb #475dff5c
-def _write_json(path: Path, obj):
-    "JSON through a temporary file and one rename."
-    tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
+def _write_json(path: Path, obj): atomic_write_text(path, json.dumps(obj, indent=1))
 
 def trial_backbones(change: str, profile: Profile, out_dir, steps: int, **inputs) -> tuple[Profile, dict]:
     "A profile of `profile`'s backbones changed by `change` and saved under `out_dir`/backbones once, and what the change did."
