@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup test reproduce benchmark docs check-clean check-export nbtest pytest
+.PHONY: setup test test-fast reproduce benchmark docs readme check-clean check-export nbtest pytest
 
 setup: $(STAMP)
 
@@ -32,24 +32,31 @@ check-export: $(STAMP)
 	if [ "$$before" != "$$after" ]; then echo "nbdev-export changed the package: export and commit"; git status --short; exit 1; fi
 	@echo "package in sync with notebooks"
 
+# Two tiers: `make test` runs everything; `make test-fast` leaves out notebook cells flagged `#| slow` and tests marked
+# slow (multi-process, tiny-paper pipelines, browsers).
 nbtest: $(STAMP)
-	MPLBACKEND=Agg $(BIN)/nbdev-test --timing
+	MPLBACKEND=Agg $(BIN)/nbdev-test --timing $(if $(FAST),,--flags slow)
 
 pytest: $(STAMP)
-	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	MPLBACKEND=Agg $(BIN)/python -m pytest -q --durations=10 $(if $(FAST),-m 'not slow')
 
 test: check-clean check-export nbtest pytest
+
+test-fast:
+	$(MAKE) test FAST=1
 
 # The main job on the mini profile: features, three aligners, the RMSNorm ablation, CoBSAT and a generation example.
 reproduce: $(STAMP)
 	bash tools/reproduce.sh $(RUN_ID)
 
-# The docs site in _docs/, offline: nbdev processes the notebooks into a Quarto project (_proc/), smalldocs renders
-# it. Where Quarto exists, nbdev-docs builds the same project.
+# The docs site in _docs/, offline: nbdev processes the notebooks into a Quarto project (_proc/); tools/build_docs.py
+# adds the executed notebooks of a `make reproduce` run as results pages (DOCS_RUN=outputs/<run-id>; empty: the newest
+# complete run, or none), renders the project with smalldocs and serves KaTeX from the site. Where Quarto exists,
+# nbdev-docs builds the same project without the results pages.
+DOCS_RUN ?=
 docs: $(STAMP)
 	$(BIN)/nbdev-proc-nbs
-	$(BIN)/smalldocs render _proc
-	rm -rf _docs && mv _proc/_docs _docs
+	$(BIN)/python tools/build_docs.py $(if $(DOCS_RUN),--run '$(DOCS_RUN)')
 
 # Feature capture vs plain generate, memory-mapped vs in-memory training, the host memory of loading T5's decoder
 # side against the whole model, and of training from webdataset tars of 256 vs 1024 images: prints ratios from one
@@ -58,3 +65,8 @@ benchmark: $(STAMP)
 	$(BIN)/python tools/benchmark_features.py
 	$(BIN)/python tools/benchmark_t5_load.py
 	$(BIN)/python tools/benchmark_streaming.py
+
+# README.md from nbs/index.ipynb, with the figures it shows written to nbs/images/: edit and run the notebook (outputs
+# are kept), then this; tests/test_readme.py fails while the two differ.
+readme: $(STAMP)
+	$(BIN)/python tools/readme.py

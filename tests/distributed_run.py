@@ -8,7 +8,7 @@ from thinkdiff_nb.aligner import Aligner
 from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, get_profile, load_t5, load_vlm, process_state
 from thinkdiff_nb.data import MemorySource
 from thinkdiff_nb.features import extract_features
-from thinkdiff_nb.pretrain import fit
+from thinkdiff_nb.loop import fit
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn
 from thinkdiff_nb.world import THEMES, render
 
@@ -17,7 +17,7 @@ def train(cache, t5, t5_tokenizer, vlm_tokenizer, out: Path, crash_at: int):
     "Six steps at a global batch of 4, checkpointing every 2; raises KeyboardInterrupt at call `crash_at`."
     torch.manual_seed(0)
     aligner = Aligner(cache.width, t5.config.d_model)
-    loss = aligner_loss_fn(t5, AlignerBatches(cache, "generated-masked", vlm_tokenizer, t5_tokenizer, batch_size=4))
+    loss = aligner_loss_fn(t5, AlignerBatches(cache, "thinkdiff", vlm_tokenizer, t5_tokenizer, batch_size=4))
     calls = iter(range(100))
     def dying(model, g):
         if next(calls) == crash_at: raise KeyboardInterrupt(f"killed at step {crash_at}")

@@ -10,7 +10,8 @@ from thinkdiff_nb.world import AXES, THEMES, display_word, render
 from thinkdiff_nb.backbones import (Judge, Profile, get_profile, load_decoder, load_judge, load_t5, load_t5_tokenizer,
                                     mini_decoder_config, mini_t5_config, t5_tokenizer, encode_text, empty_pooled,
                                     sample_images, judge_pairs, to_pixels, MINI_DIR)
-from thinkdiff_nb.pretrain import (fit, t5_loss_fn, judge_loss_fn, decoder_loss_fn, caption_table, span_corrupt,
+from thinkdiff_nb.loop import fit
+from thinkdiff_nb.pretrain import (t5_loss_fn, judge_loss_fn, decoder_loss_fn, caption_table, span_corrupt,
                                    span_length_probs)
 
 

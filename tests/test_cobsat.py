@@ -9,7 +9,8 @@ from thinkdiff_nb.world import TASKS, task_prompts
 from thinkdiff_nb.backbones import get_profile
 from thinkdiff_nb.judges import load_cobsat_judge
 from thinkdiff_nb.aligner import Aligner, save_readout
-from thinkdiff_nb.inference import METHODS, ThinkDiff, conditioning, respond
+from thinkdiff_nb.methods import ALIGNER_METHODS, METHODS
+from thinkdiff_nb.inference import ThinkDiff, conditioning, respond
 from thinkdiff_nb.cobsat import (CobsatImages, accuracy_table, cobsat_image_path, evaluate, evaluate_block, score,
                                  write_cobsat_folder)
 
@@ -20,15 +21,15 @@ NBS = Path(__file__).parents[1] / "nbs"
 def aligners(tmp_path_factory):
     root = tmp_path_factory.mktemp("aligners")
     torch.manual_seed(0)
-    for name in ("masked", "full", "input", "image"):
+    for name in ALIGNER_METHODS:
         Aligner(32, 32).save_pretrained(root / name)
-    save_readout(torch.eye(33, 32) + 0.01 * torch.randn(33, 32), root / "masked")  # as 03_train writes beside a generated-token aligner
+    save_readout(torch.eye(33, 32) + 0.01 * torch.randn(33, 32), root / "thinkdiff")  # as 03_train writes beside a generated-token aligner
     return root
 
 
 @pytest.fixture(scope="module")
 def tiny_td(aligners):
-    return ThinkDiff.load(get_profile("tiny-random"), {n: aligners / n for n in ("masked", "full", "input", "image")})
+    return ThinkDiff.load(get_profile("tiny-random"), {n: aligners / n for n in ALIGNER_METHODS})
 
 
 def test_inference_path_end_to_end(tiny_td):
@@ -46,7 +47,7 @@ def test_inference_path_end_to_end(tiny_td):
     hybrid = conditioning(tiny_td, "hybrid", prompts, responses)[0]
     aligned = conditioning(tiny_td, "thinkdiff", prompts, responses)[0]
     assert torch.allclose(hybrid[:, :6], aligned)
-    readout = tiny_td.readouts["masked"]
+    readout = tiny_td.readouts["thinkdiff"]
     assert torch.allclose(conditioning(tiny_td, "thinkdiff-readout", prompts, responses)[0], aligned @ readout[:-1] + readout[-1])
     with pytest.raises(ValueError, match="unknown method"):
         conditioning(tiny_td, "magic", prompts, responses)
@@ -109,9 +110,9 @@ def test_released_layout_is_read_and_a_missing_image_is_named(tmp_path):
         CobsatImages(tmp_path)
 
 
-def _run_cobsat(tmp_path, aligners, name, **params):
+def _run_cobsat(tmp_path, trained, name, **params):
     import papermill as pm
-    base = dict(profile="tiny-random", **{f"aligner_{n}": str(aligners / n) for n in ("masked", "full", "input", "image")},
+    base = dict(profile="tiny-random", aligners={n: str(trained / n) for n in ALIGNER_METHODS},
                 n_prompts=2, n_tokens=4, sample_steps=2, shots=[2], output_dir=str(tmp_path / name))
     pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / f"{name}.ipynb"), parameters={**base, **params},
                         cwd=str(NBS), progress_bar=False, kernel_name="python3")
@@ -136,22 +137,24 @@ def test_cobsat_notebook_rejects_bad_parameters(tmp_path, aligners):
     import papermill as pm
     with pytest.raises(pm.PapermillExecutionError, match="parameter shots"):
         _run_cobsat(tmp_path, aligners, "bad", shots=[3])
-    with pytest.raises(pm.PapermillExecutionError, match=r"unknown judges \['gpt'\]"):
+    with pytest.raises(pm.PapermillExecutionError, match="parameter judge='gpt' is not one of"):
         _run_cobsat(tmp_path, aligners, "judge", judge="gpt")
     with pytest.raises(pm.PapermillExecutionError, match="no datasets/ folder"):
         _run_cobsat(tmp_path, aligners, "cobsat", cobsat_dir=str(tmp_path))
     with pytest.raises(pm.PapermillExecutionError, match="no trained aligner"):
-        _run_cobsat(tmp_path, aligners, "missing", aligner_full=str(tmp_path / "nowhere"))
+        _run_cobsat(tmp_path, aligners, "missing", aligners={**{n: str(aligners / n) for n in ALIGNER_METHODS},
+                                                             "no-masking": str(tmp_path / "nowhere")})
 
 
-def test_generate_notebook_names_an_aligner_it_does_not_load(tmp_path):
+def test_generate_notebook_names_the_aligner_it_lacks(tmp_path):
     import papermill as pm
-    with pytest.raises(pm.PapermillExecutionError, match=r"needs the \['full'\] aligner"):
+    with pytest.raises(pm.PapermillExecutionError, match=r"need aligners \['no-masking'\]: give them in parameter aligners"):
         pm.execute_notebook(str(NBS / "06_generate.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NBS), progress_bar=False,
                             parameters=dict(profile="tiny-random", methods=["no-masking"], output_dir=str(tmp_path / "gen")),
                             kernel_name="python3")
 
 
+@pytest.mark.slow  # FluxPipeline and LLaVA on tiny-paper
 def test_cobsat_notebook_on_tiny_paper_with_released_images_and_the_llava_judge(tmp_path):
     "The paper's path end to end: released-layout images, FluxPipeline, CoBSAT's LLaVA questions and CLIP metric."
     import papermill as pm
@@ -175,12 +178,13 @@ def test_cobsat_notebook_on_tiny_paper_with_released_images_and_the_llava_judge(
                             parameters={**params, "output_dir": str(tmp_path / "missing")}, progress_bar=False, kernel_name="python3")
 
 
+@pytest.mark.slow  # two accelerate processes
 def test_cobsat_notebook_over_two_processes_matches_one(tmp_path, aligners):
     "Under accelerate launch the processes share the blocks; the records equal one process's, and only the main one writes."
     root = Path(__file__).parents[1]
     params = ["-p", "profile", "tiny-random", "-p", "n_prompts", "3", "-p", "batch_size", "2", "-p", "n_tokens", "4",
               "-p", "sample_steps", "2", "-y", "shots: [2]\nmethods: [thinkdiff, oracle]",
-              "-p", "aligner_masked", str(aligners / "masked")]
+              "-y", f"aligners: {{thinkdiff: {aligners / 'thinkdiff'}}}"]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     bin_dir = Path(sys.executable).parent
     for command in ([str(bin_dir / "papermill"), "nbs/05_cobsat.ipynb", str(tmp_path / "one.ipynb"), *params,

@@ -123,9 +123,10 @@ def _papermill(tmp_path, **params):
     return json.loads((Path(params["output_dir"]) / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # the train notebook on tiny-paper
 def test_train_notebook_on_tiny_paper_from_webdataset_tars_of_mixed_sizes(shards, tmp_path):
     before = sorted(p.relative_to(shards) for p in shards.rglob("*"))
-    metrics = _papermill(tmp_path, profile="tiny-paper", data_dir=str(shards), mode="generated-image", shard_size=8, max_images=20,
+    metrics = _papermill(tmp_path, profile="tiny-paper", data_dir=str(shards), method="image-loss", shard_size=8, max_images=20,
                          steps=3, batch_size=4, eval_batches=1, ckpt_every=2, warmup=1, max_new_tokens=4, extract_batch_size=4,
                          output_dir=str(tmp_path / "run"))
     assert metrics["metrics"]["train_samples"] == 20 and metrics["metrics"]["validation_samples"] == 4

@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from thinkdiff_nb.aligner import Aligner
-from thinkdiff_nb.pretrain import fit
+from thinkdiff_nb.loop import fit
+
+pytestmark = pytest.mark.slow  # two accelerate processes per run
 
 ROOT = Path(__file__).parents[1]
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",

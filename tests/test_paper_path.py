@@ -11,6 +11,8 @@ from thinkdiff_nb.inference import ThinkDiff, conditioning, respond
 from thinkdiff_nb.world import TASKS, task_prompts
 from official_layout import projector, write_official
 
+pytestmark = pytest.mark.slow  # pipelines on the tiny-paper profile
+
 NBS = Path(__file__).parents[1] / "nbs"
 SMALL = dict(profile="tiny-paper", sample_steps=2, n_tokens=6)
 
@@ -28,7 +30,7 @@ def _papermill(notebook: str, tmp_path, **params):
 
 
 def test_flux_decoder_follows_the_papers_conditioning(paper):
-    td = ThinkDiff.load(paper, {"masked": paper.aligners["masked"]})
+    td = ThinkDiff.load(paper, {"thinkdiff": paper.aligners["thinkdiff"]})
     assert isinstance(td.decoder, FluxDecoder) and td.decoder.pipeline_class == "FluxPipeline"
     prompts = task_prompts(TASKS[2], 2, 2)
     responses = respond(td, prompts, n_tokens=5)
@@ -59,9 +61,9 @@ def test_decoder_only_flan_t5_reads_like_the_whole_model(paper):
 
 def test_generate_notebook_draws_through_flux_with_the_released_weights_layout(tmp_path, paper):
     released = write_official(tmp_path / "thinkdiff_lvlm.pth", projector(48, 32))  # the release's layout, at tiny widths
-    metrics = _papermill("06_generate.ipynb", tmp_path, **SMALL, samples=2, aligner_masked=str(released),
+    metrics = _papermill("06_generate.ipynb", tmp_path, **SMALL, samples=2, aligners={"thinkdiff": str(released)},
                          output_dir=str(tmp_path / "generate"))
-    assert metrics["run"]["pipeline_class"] == "FluxPipeline" and metrics["run"]["aligners"]["masked"] == str(released)
+    assert metrics["run"]["pipeline_class"] == "FluxPipeline" and metrics["run"]["aligners"]["thinkdiff"] == str(released)
     assert metrics["metrics"]["image_shape"] == [2, 32, 32, 3]
     assert (tmp_path / "generate" / "Color-I_2shot_0.png").exists()
 

@@ -3,6 +3,8 @@ import json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 
+pytestmark = pytest.mark.slow  # every pipeline notebook with its defaults, twice
+
 ROOT = Path(__file__).parents[1]
 PAPERMILL = str(Path(sys.executable).parent / "papermill")
 

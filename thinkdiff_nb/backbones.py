@@ -15,20 +15,21 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration, T5
 from diffusers import FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler, ModelMixin, ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from .world import AXES, FRAMES, PHRASES, THEMES, as_theme, display_word
+from .methods import ALIGNER_METHODS
 
 # %% auto #0
-__all__ = ['DTYPES', 'T5_SPECIALS', 'N_SENTINELS', 'PATCH', 'QWEN_SPECIALS', 'SYSTEM_PROMPT', 'CHAT_TEMPLATE',
+__all__ = ['DTYPES', 'T5_SPECIALS', 'N_SENTINELS', 'PATCH', 'TEXT_LENGTH', 'QWEN_SPECIALS', 'SYSTEM_PROMPT', 'CHAT_TEMPLATE',
            'DESCRIBE_INSTRUCTIONS', 'OFFICIAL_DESCRIBE_INSTRUCTIONS', 'ICL_INSTRUCTION', 'PROJECT_DIR', 'DATA_DIR',
-           'MINI_DIR', 'KINDS', 'ALIGNER_NAMES', 'PROFILES', 'BUILT_PROFILES', 'SAFETENSORS_INDEX', 'resolve_device',
-           'resolve_dtype', 'process_state', 'process_share', 'share_of', 'words_of', 'world_texts',
-           'build_word_tokenizer', 'sentinels', 't5_tokenizer', 'load_t5_tokenizer', 'mini_t5_config',
-           'mini_decoder_config', 'pack_pixels', 'unpack_pixels', 'image_ids', 'to_pixels', 'to_uint8', 'encode_text',
-           'empty_pooled', 'decoder_velocity', 'share_randn', 'flow_matching_loss', 'sample_images', 'Judge',
-           'judge_pairs', 'vlm_words', 'vlm_tokenizer', 'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor',
-           'mini_vlm_config', 'description_messages', 'icl_messages', 'centre_crop', 'prepare_image', 'vlm_batch',
-           'vlm_answers', 'project_path', 'Profile', 'get_profile', 'as_profile', 'built_once', 'tiny_random_profile',
-           'require_weights', 'load_decoder', 'load_judge', 'checkpoint_file', 'weight_files', 'read_tensor',
-           'NoEncoder', 't5_decoder_only', 'load_t5', 'load_vlm_processor', 'vlm_width', 'load_vlm']
+           'MINI_DIR', 'KINDS', 'PROFILES', 'BUILT_PROFILES', 'SAFETENSORS_INDEX', 'resolve_device', 'resolve_dtype',
+           'process_state', 'process_share', 'share_of', 'words_of', 'world_texts', 'build_word_tokenizer', 'sentinels',
+           't5_tokenizer', 'load_t5_tokenizer', 'mini_t5_config', 'mini_decoder_config', 'pack_pixels', 'unpack_pixels',
+           'image_ids', 'to_pixels', 'to_uint8', 'encode_text', 'empty_pooled', 'decoder_velocity', 'share_randn',
+           'flow_matching_loss', 'sample_images', 'Judge', 'judge_pairs', 'vlm_words', 'vlm_tokenizer',
+           'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor', 'mini_vlm_config', 'description_messages', 'icl_messages',
+           'centre_crop', 'prepare_image', 'vlm_batch', 'vlm_answers', 'project_path', 'Profile', 'get_profile',
+           'as_profile', 'built_once', 'tiny_random_profile', 'require_weights', 'load_decoder', 'load_judge',
+           'checkpoint_file', 'weight_files', 'read_tensor', 'NoEncoder', 't5_decoder_only', 'load_t5',
+           'load_vlm_processor', 'vlm_width', 'load_vlm']
 
 # %% ../nbs/01_backbones.ipynb #3b6a030c
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -145,8 +146,10 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 # %% ../nbs/01_backbones.ipynb #ac44da29
+TEXT_LENGTH = 24  # mini T5 tokens per encoded text, pad states kept as FLUX keeps them
+
 @torch.no_grad()
-def encode_text(t5: T5ForConditionalGeneration, tokenizer, texts: list[str], max_length: int = 24) -> torch.Tensor:
+def encode_text(t5: T5ForConditionalGeneration, tokenizer, texts: list[str], max_length: int = TEXT_LENGTH) -> torch.Tensor:
     "T5-encoder states (B, max_length, d_model) of `texts`, padded to `max_length` with pad states kept."
     batch = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     batch = {k: v.to(t5.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -395,15 +398,14 @@ class Profile:
     image_size: int | None = 32  # side of the VLM's square input images; None: the VLM's processor decides
     cobsat_size: int = 32  # side of the images drawn for CoBSAT (the paper: 512)
     demo_size: int = 32    # side of the images drawn for demonstrations (the paper: 1024)
-    aligners: dict = field(default_factory=dict, hash=False)  # default aligner per name (masked, full, input, image)
+    aligners: dict = field(default_factory=dict, hash=False)  # default aligner per aligner method (methods.ALIGNER_METHODS)
     def __post_init__(self):
         if self.kind not in KINDS: raise ValueError(f"profile {self.name!r} has unknown kind {self.kind!r}; kinds are {KINDS}")
 
-ALIGNER_NAMES = ("masked", "full", "input", "image")  # ThinkDiff, no masking, input tokens, image loss (beyond the paper)
 
 PROFILES = {
     "mini": Profile("mini", str(MINI_DIR / "t5"), str(MINI_DIR / "decoder"), str(MINI_DIR / "judge"), str(MINI_DIR / "vlm"),
-                    aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_NAMES}),
+                    aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_METHODS}),
     "paper": Profile("paper", "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", vlm="Qwen/Qwen2-VL-7B-Instruct",
                      llava="llava-hf/llava-1.5-13b-hf", clip="openai/clip-vit-base-patch32",
                      text_width=4096, kind="paper", image_size=None, cobsat_size=512, demo_size=1024,

@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 from .world import TASKS, THEMES, as_theme, atomic_dir, parse_pair, render, task_prompts
 from .backbones import process_share
 from .judges import CobsatJudge
-from .inference import METHODS, ThinkDiff, conditioning, rendered_demonstrations, respond
-from .pretrain import is_heldout_pair
+from .methods import METHODS
+from .inference import ThinkDiff, conditioning, rendered_demonstrations, respond
+from .world import is_heldout_pair
 
 # %% auto #0
 __all__ = ['COBSAT_IMAGES', 'TASK_NAMES', 'PUBLISHED', 'PUBLISHED_MEANS', 'cobsat_image_path', 'CobsatImages',

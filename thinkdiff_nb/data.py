@@ -16,7 +16,7 @@ from .world import THEMES, ImageCaptionSet, atomic_dir, caption, render
 
 # %% auto #0
 __all__ = ['WIDS_INDEX', 'IMAGE_EXTENSIONS', 'MemorySource', 'write_webdataset', 'count_samples', 'shard_list',
-           'WebDatasetSource', 'open_image_captions']
+           'WebDatasetSource', 'open_image_captions', 'load_bank']
 
 # %% ../nbs/01f_data.ipynb #a1f8327e
 class MemorySource:
@@ -128,3 +128,10 @@ def open_image_captions(data_dir: str | Path, split: str = "train"):
     if (data_dir / split / WIDS_INDEX).exists() or any((data_dir / split).glob("*.tar")): return WebDatasetSource(data_dir / split)
     raise FileNotFoundError(f"no {split} split in {data_dir}: expected {data_dir / split}.jsonl and the images it lists (the folder "
                             f"layout) or .tar shards in {data_dir / split}/ (webdataset, cc_sbu layout)")
+
+# %% ../nbs/01f_data.ipynb #8739adac
+def load_bank(root, split: str = "train") -> tuple[np.ndarray, list[dict]]:
+    "All images (N, H, W, 3) uint8 and index rows of a data set split."
+    ds = ImageCaptionSet(root, split)
+    images = np.stack([ds.image(i) for i in tqdm(range(len(ds)), desc=f"loading {split}")])
+    return images, ds.rows

@@ -10,7 +10,7 @@ import torch, torch.nn.functional as F
 from diffusers import FluxPipeline
 from .backbones import (Profile, as_profile, empty_pooled, encode_text, flow_matching_loss, load_decoder,
                                     load_t5, sample_images, share_randn, to_uint8)
-from .pretrain import TEXT_LENGTH
+from .backbones import TEXT_LENGTH
 
 # %% auto #0
 __all__ = ['ImageDecoder', 'PixelDecoder', 'FluxDecoder', 'load_image_decoder']

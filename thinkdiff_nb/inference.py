@@ -7,19 +7,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import torch
 from .world import InContextPrompt, display_word
-from .backbones import Profile, as_profile, icl_messages, load_vlm
+from pathlib import Path
+from transformers.modeling_outputs import BaseModelOutput
+from .backbones import Profile, as_profile, icl_messages, load_vlm, project_path
 from .image_decoders import ImageDecoder, load_image_decoder
 from .aligner import apply_readout, load_aligner, load_readout
+from .methods import ALIGNER_METHODS, METHODS, aligners_needed
 from .features import generate_with_features
-from .pretrain import oracle_prompt
+from .world import oracle_prompt
 
 # %% auto #0
-__all__ = ['ALIGNER_STATES', 'ALIGNER_METHODS', 'METHODS', 'ThinkDiff', 'rendered_demonstrations', 'respond', 'aligners_needed',
-           'conditioning']
+__all__ = ['ThinkDiff', 'aligner_folders', 'rendered_demonstrations', 'respond', 'conditioning', 'read_back']
 
 # %% ../nbs/02d_inference.ipynb #7fd9a9f9
-ALIGNER_STATES = {"masked": "generated", "full": "generated", "input": "input", "image": "generated"}  # what each reads
-
 @dataclass
 class ThinkDiff:
     "A profile's VLM, image decoder and trained aligners: everything inference needs."
@@ -27,19 +27,34 @@ class ThinkDiff:
     vlm: object
     processor: object
     decoder: ImageDecoder
-    aligners: dict = field(default_factory=dict)  # name -> Aligner
-    readouts: dict = field(default_factory=dict)  # name -> affine T5 readout of an aligner that has one (a diagnostic)
+    aligners: dict = field(default_factory=dict)  # aligner method -> Aligner
+    readouts: dict = field(default_factory=dict)  # aligner method -> affine T5 readout of an aligner that has one (a diagnostic)
     @classmethod
-    def load(cls, profile: Profile | str, aligners: dict | None = None,  # {name: folder or .pth}
+    def load(cls, profile: Profile | str, aligners: dict | None = None,  # {aligner method: folder or .pth}
              device="cpu", dtype=torch.float32, cpu_offload: bool = False, text_length: int = 0) -> "ThinkDiff":
-        "Load a profile's VLM and image decoder onto `device`, and the named aligners (kept in float32, as trained)."
+        "Load a profile's VLM and image decoder onto `device`, and the given aligners (kept in float32, as trained)."
         profile = as_profile(profile)
-        unknown = set(aligners or {}) - set(ALIGNER_STATES)
-        if unknown: raise ValueError(f"unknown aligner names {sorted(unknown)}; names are {list(ALIGNER_STATES)}")
+        unknown = set(aligners or {}) - set(ALIGNER_METHODS)
+        if unknown: raise ValueError(f"unknown aligner methods {sorted(unknown)}; aligner methods are {list(ALIGNER_METHODS)}")
         loaded = {name: load_aligner(path).to(device).eval() for name, path in (aligners or {}).items()}
         readouts = {name: r.to(device) for name, path in (aligners or {}).items() if (r := load_readout(path)) is not None}
         vlm, processor = load_vlm(profile, device, dtype)
         return cls(profile, vlm, processor, load_image_decoder(profile, device, dtype, cpu_offload, text_length), loaded, readouts)
+
+# %% ../nbs/02d_inference.ipynb #7aa7ebd6
+def aligner_folders(profile: Profile | str, methods,
+                    aligners: dict | None = None,  # {aligner method: folder or .pth}; a method left out: the profile's own
+                    ) -> dict:
+    "{aligner method: path} of every aligner a list of methods reads, each checked to exist."
+    profile, aligners = as_profile(profile), aligners or {}
+    unknown = sorted(set(aligners) - set(ALIGNER_METHODS))
+    if unknown: raise ValueError(f"parameter aligners names unknown aligner methods {unknown}; aligner methods are {list(ALIGNER_METHODS)}")
+    folders = {m: project_path(aligners[m]) if aligners.get(m) else profile.aligners.get(m) for m in aligners_needed(methods)}
+    unset = [m for m, f in folders.items() if f is None]
+    if unset: raise ValueError(f"methods {list(methods)} need aligners {unset}: give them in parameter aligners; profile {profile.name!r} has none")
+    missing = [f"{m}: {str(f)!r}" for m, f in folders.items() if not Path(f).exists()]
+    if missing: raise FileNotFoundError(f"no trained aligner at {', '.join(missing)}; train it with nbs/03_train.ipynb")
+    return {m: Path(f) for m, f in folders.items()}
 
 # %% ../nbs/02d_inference.ipynb #74a6ca2f
 def rendered_demonstrations(prompt: InContextPrompt, image_seed: int = 10 ** 6) -> list:
@@ -64,35 +79,38 @@ def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, s
     return out
 
 # %% ../nbs/02d_inference.ipynb #e0095677
-def _aligned(td: ThinkDiff, name: str, responses: list[dict]) -> torch.Tensor:
+def _aligned(td: ThinkDiff, name: str,  # an aligner method
+             responses: list[dict]) -> torch.Tensor:
     "An aligner's tokens (B, L, d) for a batch; prompts of different lengths are right-padded with zeros first."
-    if name not in td.aligners: raise KeyError(f"no aligner called {name!r}; loaded: {sorted(td.aligners)}")
+    if name not in td.aligners: raise KeyError(f"no {name!r} aligner; loaded: {sorted(td.aligners)}")
     aligner = td.aligners[name]
-    feats = [r["prompt_features" if ALIGNER_STATES[name] == "input" else "generated_features"] for r in responses]
+    feats = [r["prompt_features" if ALIGNER_METHODS[name].states == "input" else "generated_features"] for r in responses]
     length = max(len(f) for f in feats)
     batch = torch.zeros(len(feats), length, feats[0].shape[-1])
     for i, f in enumerate(feats): batch[i, :len(f)] = f
     with torch.no_grad(): return aligner(batch.to(aligner.device))
 
-ALIGNER_METHODS = {"thinkdiff": "masked", "no-masking": "full", "input-tokens": "input", "image-loss": "image"}
-METHODS = ("thinkdiff", "no-masking", "input-tokens", "thinkdiff-readout", "image-loss", "text-bridge", "hybrid", "query-only",
-           "oracle")
-
-def aligners_needed(methods) -> set[str]:
-    "The aligners, by name, that a list of methods reads."
-    return {ALIGNER_METHODS[m] for m in methods if m in ALIGNER_METHODS} | ({"masked"} if {"hybrid", "thinkdiff-readout"} & set(methods) else set())
-
 def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     "(decoder tokens (B, L, d), pooled vectors (B, d_pool)) of a method for a batch of prompts and the VLM's responses."
     text = td.decoder.encode_prompt
-    if method in ALIGNER_METHODS: return _aligned(td, ALIGNER_METHODS[method], responses), td.decoder.empty_pooled(len(responses))
+    if method in ALIGNER_METHODS: return _aligned(td, method, responses), td.decoder.empty_pooled(len(responses))
     if method == "thinkdiff-readout":
-        if "masked" not in td.readouts: raise KeyError("the masked aligner has no T5 readout; 03_train saves one beside its weights")
-        return apply_readout(_aligned(td, "masked", responses), td.readouts["masked"]), td.decoder.empty_pooled(len(responses))
+        if "thinkdiff" not in td.readouts: raise KeyError("the thinkdiff aligner has no T5 readout; 03_train saves one beside its weights")
+        return apply_readout(_aligned(td, "thinkdiff", responses), td.readouts["thinkdiff"]), td.decoder.empty_pooled(len(responses))
     if method == "text-bridge": return text([r["answer"] for r in responses])
     if method == "hybrid":
         embeds, pooled = text([r["answer"] for r in responses])
-        return torch.cat([_aligned(td, "masked", responses).to(embeds), embeds], 1), pooled
+        return torch.cat([_aligned(td, "thinkdiff", responses).to(embeds), embeds], 1), pooled
     if method == "query-only": return text([display_word(p.xs[-1]) for p in prompts])
     if method == "oracle": return text([oracle_prompt(p.task.theme, *p.target) for p in prompts])
     raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
+
+# %% ../nbs/02d_inference.ipynb #b7f7c54d
+@torch.no_grad()
+def read_back(t5, tokenizer,  # the profile's T5 (`load_t5`) and its tokenizer
+              tokens: torch.Tensor,  # (B, L, d) aligned tokens, given to the decoder as its encoder states
+              max_new_tokens: int = 24) -> list[str]:
+    "What the frozen T5 decoder reads back from `tokens`: its greedy decoding, per row."
+    encoded = BaseModelOutput(last_hidden_state=tokens.to(t5.device, t5.dtype))
+    ids = t5.generate(encoder_outputs=encoded, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -9,19 +9,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers.modeling_outputs import BaseModelOutput
 from .world import TASKS, atomic_dir, parse_pair, task_prompts
 from .backbones import Profile, empty_pooled, flow_matching_loss, load_decoder, load_t5, load_vlm_processor, to_pixels
-from .pretrain import TEXT_LENGTH, atomic_torch_save, caption_table, fit, t5_batch, t5_pairs
+from .backbones import TEXT_LENGTH
+from .loop import atomic_torch_save, fit
+from .pretrain import caption_table, t5_batch, t5_pairs
 from .features import atomic_write_text
 from .train import (ImageBatches, collate, encoder_states, image_loss_metrics, make_example, t5_space_agreement,
                                 train_aligner)
-from .inference import ALIGNER_METHODS, ThinkDiff, conditioning, respond
+from .methods import ALIGNER_METHODS, aligner_method
+from .inference import ThinkDiff, conditioning, read_back, respond
 from .judges import load_cobsat_judge
 from .cobsat import evaluate
 
 # %% auto #0
-__all__ = ['BACKBONE_CHANGES', 'ALIGNER_MODES', 'TRIAL_METHODS', 'uneven_final_norm', 'scaled_state_negatives',
+__all__ = ['BACKBONE_CHANGES', 'TRIAL_ALIGNERS', 'TRIAL_METHODS', 'uneven_final_norm', 'scaled_state_negatives',
            'aligner_negatives', 'fine_tune_t5_decoder', 'decoder_negatives', 't5_inversions', 'fine_tune_image_decoder',
            'decoder_reads_inversions', 'principal_projection', 'readers_in_subspace', 'change_backbones',
            'save_backbones', 'variant_profile', 'in_context_decoding', 'trial_backbones', 'trial_aligners',
@@ -50,7 +52,7 @@ def aligner_negatives(aligner, cache, vlm_tokenizer, t5_tokenizer):
     "A negative maker: a trained aligner's tokens of random training answers, split at random as in masked training."
     def negatives(states, mask, g: torch.Generator, rng: random.Random):
         idx = torch.randint(len(cache), (len(states),), generator=g).tolist()
-        features, neg_mask, _ = collate([make_example(cache[i], "generated-masked", rng, vlm_tokenizer) for i in idx], t5_tokenizer)
+        features, neg_mask, _ = collate([make_example(cache[i], "thinkdiff", rng, vlm_tokenizer) for i in idx], t5_tokenizer)
         with torch.no_grad(): return aligner(features.to(aligner.device)), neg_mask  # (B, S, d), (B, S)
     return negatives
 
@@ -214,19 +216,16 @@ def variant_profile(profile: Profile, name: str, t5_folder, decoder_folder, alig
 
 # %% ../nbs/02f_premise_trials.ipynb #80507bea
 @torch.no_grad()
-def in_context_decoding(td: ThinkDiff, t5, tokenizer, aligner_name: str = "masked", shot: int = 2, n_prompts: int = 10,
+def in_context_decoding(td: ThinkDiff, t5, tokenizer, method: str = "thinkdiff", shot: int = 2, n_prompts: int = 10,
                         n_tokens: int = 24, seed: int = 0) -> float:
     "Share of CoBSAT prompts whose in-context answer, through an aligner and the T5 decoder, names the target pair."
-    method = {a: m for m, a in ALIGNER_METHODS.items()}.get(aligner_name)
-    if method is None: raise ValueError(f"unknown aligner name {aligner_name!r}; names are {list(ALIGNER_METHODS.values())}")
+    aligner_method(method)
     right = []
-    for task in tqdm(TASKS, desc=f"T5 reads the {aligner_name} tokens", leave=False):
+    for task in tqdm(TASKS, desc=f"T5 reads the {method} tokens", leave=False):
         prompts = task_prompts(task, shot, n_prompts)
         tokens = conditioning(td, method, prompts, respond(td, prompts, n_tokens, seed=seed + task.id))[0]  # (B, n_tokens, d)
-        ids = t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=tokens.to(t5.device, t5.dtype)),
-                          max_new_tokens=n_tokens, do_sample=False)
         right += [parse_pair(text, task.theme) == tuple(p.target)
-                  for p, text in zip(prompts, tokenizer.batch_decode(ids, skip_special_tokens=True))]
+                  for p, text in zip(prompts, read_back(t5, tokenizer, tokens, max_new_tokens=n_tokens))]
     return float(np.mean(right))
 
 # %% ../nbs/02f_premise_trials.ipynb #475dff5c
@@ -246,18 +245,18 @@ def trial_backbones(change: str, profile: Profile, out_dir, steps: int, **inputs
     return variant_profile(profile, f"{profile.name}-{change}", folder / "t5", folder / "decoder", {}), info
 
 # %% ../nbs/02f_premise_trials.ipynb #e373130a
-ALIGNER_MODES = {"masked": "generated-masked", "full": "generated-full", "input": "input"}  # ThinkDiff and its two ablations
+TRIAL_ALIGNERS = [m for m, a in ALIGNER_METHODS.items() if a.loss == "t5-decoder"]  # ThinkDiff and its two ablations
 
 def trial_aligners(profile: Profile, caches: dict,  # {"train", "validation"}: FeatureCaches of the profile's VLM
                    out_dir, steps: int, batch_size: int = 64, lr: float = 3e-3, eval_batches: int = 16, seed: int = 0) -> tuple[dict, dict]:
-    "Train (or find) the three aligners through a profile's T5 decoder: {name: folder}, {name: held-out read-back}."
+    "Train (or find) the three aligners through a profile's T5 decoder: {method: folder}, {method: held-out read-back}."
     t5, tokenizer = load_t5(profile, encoder=False)
     vlm_tokenizer, folders, heldout = load_vlm_processor(profile).tokenizer, {}, {}
-    for name, mode in ALIGNER_MODES.items():
+    for name in TRIAL_ALIGNERS:
         folder = Path(out_dir) / f"aligner-{name}"
         if not (folder / "heldout.json").exists():
             _, _, metrics = train_aligner(caches["train"], caches["validation"], t5, tokenizer, vlm_tokenizer, profile.t5, folder,
-                                          mode=mode, norm="t5", steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10),
+                                          method=name, norm="t5", steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10),
                                           ckpt_every=min(steps, 1000), eval_batches=eval_batches, seed=seed)
             _write_json(folder / "heldout.json", metrics)
         folders[name], heldout[name] = folder / "aligner", json.loads((folder / "heldout.json").read_text())
@@ -271,18 +270,18 @@ def premise_metrics(td: ThinkDiff, caches: dict, source,  # source: the image-ca
                     eval_batches: int = 16, seed: int = 0) -> dict:
     "The premise measured for a ThinkDiff whose aligners were trained through its profile's T5, and its CoBSAT both-right."
     t5, tokenizer = load_t5(td.profile)  # the T5 the aligners were trained against, encoder included
-    masked = td.aligners["masked"]
-    space = t5_space_agreement(masked, encoder_states(t5, tokenizer), td.processor.tokenizer, caches["validation"])
+    thinkdiff = td.aligners["thinkdiff"]
+    space = t5_space_agreement(thinkdiff, encoder_states(t5, tokenizer), td.processor.tokenizer, caches["validation"])
     images = ImageBatches(caches["validation"], source, td.profile.cobsat_size, batch_size, share=(0, 1))
     empty = td.decoder.encode_prompt([""])[0]  # (1, L, d)
     flow = {k: image_loss_metrics(c, td.decoder, images, eval_batches, seed + 1)["flow_loss"]
-            for k, c in (("aligned", masked), ("empty", lambda f: empty.expand(len(f), -1, -1)))}
+            for k, c in (("aligned", thinkdiff), ("empty", lambda f: empty.expand(len(f), -1, -1)))}
     records = evaluate(td, {"mini": load_cobsat_judge(td.profile, "mini")}, Path(out_dir) / "cobsat", shots=tuple(shots),
                        n_prompts=n_prompts, methods=TRIAL_METHODS, steps=sample_steps, seed=seed)
     both = records.groupby(["method", "shot"])["both"].mean()
     return {"t5_cosine": space["cosine"], "t5_affine_r2": space["affine_r2"], "aligned_rms": space.get("aligned_rms"),
             "states_rms": space.get("states_rms"),
-            "t5_in_context_both": in_context_decoding(td, t5, tokenizer, "masked", min(shots), n_prompts, seed=seed),
+            "t5_in_context_both": in_context_decoding(td, t5, tokenizer, "thinkdiff", min(shots), n_prompts, seed=seed),
             "flow_loss_aligned": flow["aligned"], "flow_loss_empty": flow["empty"],
             **{f"{m}_{s}shot_both": float(v) for (m, s), v in both.items()}}
 

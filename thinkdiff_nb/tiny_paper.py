@@ -13,7 +13,8 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, 
                           LlavaConfig, LlavaForConditionalGeneration, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           T5Config, T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer)
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from .backbones import (ALIGNER_NAMES, DESCRIBE_INSTRUCTIONS, ICL_INSTRUCTION, OFFICIAL_DESCRIBE_INSTRUCTIONS,
+from .methods import ALIGNER_METHODS
+from .backbones import (DESCRIBE_INSTRUCTIONS, ICL_INSTRUCTION, OFFICIAL_DESCRIBE_INSTRUCTIONS,
                                     SYSTEM_PROMPT, Judge, Profile, built_once, vlm_words, world_texts)
 from .aligner import Aligner, init_norm_from_t5, save_readout, t5_final_norm_weight
 
@@ -306,12 +307,12 @@ def _complete(root: Path) -> bool:
     return (root / _MARKER).is_file() and all((root / f).is_dir() for f in _FOLDERS)
 
 def _save_aligners(folder: Path, root: Path, seed: int):
-    "Random aligners from the VLM's width to T5's under every aligner name, T5-initialised; `masked` has a readout too."
+    "Random aligners from the VLM's width to T5's under every aligner method, T5-initialised; `thinkdiff` has a readout too."
     norm, width = t5_final_norm_weight(str(root / "t5")), Qwen2VLConfig.from_pretrained(root / "vlm").text_config.hidden_size
-    for k, name in enumerate(ALIGNER_NAMES):
+    for k, name in enumerate(ALIGNER_METHODS):
         _seeded(seed + k, lambda: init_norm_from_t5(Aligner(width, len(norm)), norm)).save_pretrained(folder / name)
     save_readout(_seeded(seed + 9, lambda: torch.eye(len(norm) + 1, len(norm)) + 0.01 * torch.randn(len(norm) + 1, len(norm))),
-                 folder / "masked")
+                 folder / "thinkdiff")
 
 def _build(root: Path, seed: int):
     "Write every folder of the profile under `root`, then the marker."
@@ -357,4 +358,4 @@ def tiny_paper_profile() -> Profile:
                    llava=str(root / "llava"), clip=str(root / "clip"), text_width=32,
                    kind="paper", image_size=None, cobsat_size=32, demo_size=32,  # 32 px: FLUX's tiny VAE halves it to 16
                    describe_instructions=tuple(OFFICIAL_DESCRIBE_INSTRUCTIONS),
-                   aligners={n: str(root / "aligners" / n) for n in ALIGNER_NAMES})
+                   aligners={n: str(root / "aligners" / n) for n in ALIGNER_METHODS})

@@ -18,7 +18,8 @@ __all__ = ['AXES', 'DISPLAY_WORDS', 'THEMES', 'TASKS', 'SHOTS', 'SILHOUETTES', '
            'Theme', 'as_theme', 'Task', 'cobsat_prompt_list', 'InContextPrompt', 'make_prompt', 'task_prompts',
            'Nuisance', 'silhouette_mask', 'subject_layer', 'paint_color', 'paint_background', 'paint_style',
            'paint_action', 'paint_texture', 'render', 'show_grid', 'min_pair_distance', 'describe', 'caption_variants',
-           'caption', 'parse_value', 'parse_pair', 'atomic_dir', 'write_image_caption_set', 'ImageCaptionSet']
+           'caption', 'parse_value', 'parse_pair', 'atomic_dir', 'write_image_caption_set', 'ImageCaptionSet',
+           'is_heldout_pair', 'icl_answer', 'oracle_prompt']
 
 # %% ../nbs/00_world.ipynb #0af16c7e
 AXES = {
@@ -609,3 +610,17 @@ class ImageCaptionSet:
         if not path.exists(): raise FileNotFoundError(f"image {path} listed in the index is missing")
         return np.asarray(Image.open(path).convert("RGB"))
     def __getitem__(self, i: int) -> dict: return {**self.rows[i], "pixels": self.image(i)}
+
+# %% ../nbs/00_world.ipynb #5f0d0b87
+def is_heldout_pair(theme, subject: str, attribute: str) -> bool:
+    "Whether (subject, attribute) is never an in-context training answer."
+    theme = as_theme(theme)
+    return (theme.subjects.index(subject) + 3 * theme.attributes.index(attribute)) % 5 == 0
+
+def icl_answer(theme, subject: str, attribute: str) -> str:
+    "The diffusion prompt the VLM is taught to answer with."
+    return f"Create an image of {describe(theme, subject, attribute)}."
+
+def oracle_prompt(theme, subject: str, attribute: str) -> str:
+    "The ground-truth diffusion prompt of a pair: what the oracle method conditions on."
+    return f"create an image of {describe(theme, subject, attribute)}"

@@ -13,7 +13,8 @@ from thinkdiff_nb.aligner import Aligner, init_norm_from_t5, t5_final_norm_weigh
 from thinkdiff_nb.backbones import description_messages, get_profile, load_t5, load_vlm
 from thinkdiff_nb.data import MemorySource
 from thinkdiff_nb.features import extract_features, generate_with_features
-from thinkdiff_nb.pretrain import fit, load_bank
+from thinkdiff_nb.loop import fit
+from thinkdiff_nb.data import load_bank
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn
 from thinkdiff_nb.world import write_image_caption_set
 
@@ -51,7 +52,7 @@ def train_steps(source, t5, t5_source, vlm_tokenizer, t5_tokenizer, args, ckpt: 
     torch.manual_seed(args.seed)
     aligner = Aligner(source[0]["generated_features"].shape[-1], t5.config.d_model)
     init_norm_from_t5(aligner, t5_final_norm_weight(t5_source))
-    batches = AlignerBatches(source, "generated-masked", vlm_tokenizer, t5_tokenizer, args.train_batch_size)
+    batches = AlignerBatches(source, "thinkdiff", vlm_tokenizer, t5_tokenizer, args.train_batch_size)
     ckpt.unlink(missing_ok=True)  # fit resumes from a checkpoint; every round starts fresh
     run = fit(aligner, aligner_loss_fn(t5, batches), args.train_steps, ckpt, lr=1e-3, warmup=10, weight_decay=0.05,
               ckpt_every=args.train_steps, seed=args.seed, desc="aligner")

@@ -2,7 +2,7 @@
 
 Two cc_sbu-style shard sets of MiniCoBSAT renders at random widths and heights (100-300 px by default) are written,
 one with 4x the training images of the other (256 and 1024), and `03_train` runs on each: the tiny-paper profile in
-mode generated-image, so that both feature extraction and the image loss read the tars, each run in a fresh papermill
+method image-loss, so that both feature extraction and the image loss read the tars, each run in a fresh papermill
 process whose kernel records its peak resident set (`ru_maxrss`) in metrics.json. If nothing holds a split, the two
 peaks agree although the larger split's decoded images take 4x the bytes (printed beside them for scale).
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_once(data: Path, out: Path, args) -> dict:
     "Run 03_train on one shard set in a fresh papermill process; its metrics.json."
-    params = dict(profile=args.profile, mode="generated-image", data_dir=str(data), max_images=0, shard_size=args.shard_size,
+    params = dict(profile=args.profile, method="image-loss", data_dir=str(data), max_images=0, shard_size=args.shard_size,
                   max_new_tokens=args.max_new_tokens, extract_batch_size=args.extract_batch_size, steps=args.steps,
                   batch_size=args.batch_size, eval_batches=args.validation // args.batch_size, ckpt_every=args.steps,
                   seed=args.seed, output_dir=str(out))
@@ -74,7 +74,7 @@ def main():
     ratios = {"train_images": large["train_images"] / small["train_images"],
               "held_split": large["held_split_mib"] / small["held_split_mib"],
               "peak_host_memory": large["peak_host_memory_mib"] / small["peak_host_memory_mib"]}
-    print(f"03_train ({args.profile}, generated-image, {args.steps} steps at batch {args.batch_size}) from webdataset tars of "
+    print(f"03_train ({args.profile}, image-loss, {args.steps} steps at batch {args.batch_size}) from webdataset tars of "
           f"{args.per_tar} images, {args.sides[0]}-{args.sides[1]} px a side; feature shards of {args.shard_size}; wids LRU of 2 tars:")
     print(f"  {'train images':>12} {'tars':>5} {'tar MiB':>8} {'feature shards':>14} {'cache MiB':>9} {'held split MiB':>14} "
           f"{'peak host MiB':>13}")

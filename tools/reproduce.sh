@@ -2,42 +2,45 @@
 # The main job on the mini profile: features, the three aligners, the RMSNorm ablation, CoBSAT and a generation
 # example, each notebook executed by papermill into outputs/<run-id>/ with its figures, tables and metrics.json.
 # CoBSAT also scores the shipped image-loss aligner (beyond the paper; params/train_image_mini.yaml retrains it).
+# Each aligner's folder is named after its method (thinkdiff_nb.methods.ALIGNER_METHODS).
 set -euo pipefail
 run_id=${1:?usage: tools/reproduce.sh RUN_ID}
 run=outputs/$run_id
 bin=.venv/bin
 mkdir -p "$run"
-export MPLBACKEND=Agg
+# the kernel's inline backend embeds each cell's figures in the executed notebooks, which `make docs` publishes as
+# results pages; a backend set in the environment (Agg) would leave them without images
+unset MPLBACKEND
 pm() { "$bin/papermill" --log-level WARNING "$@"; }
 r=$run  # notebook paths resolve against the project folder
 # The three aligners train 3,000 steps each, half of train_mini.yaml's full run (held-out continuation 0.956 at 6,000),
 # with the same budget for all three so that the ablation compares like with like; this keeps the chain under 30 min.
 steps=3000
-data=$r/train-masked/data  # the image-caption set the first run renders; the later runs read its images
+data=$r/thinkdiff/data  # the image-caption set the first run renders; the later runs read its images
 
 echo "== 1/6 ThinkDiff-LVLM aligner (features, masked training, T5-init norm)"
-pm nbs/03_train.ipynb "$run/03_train_masked.ipynb" -f params/train_mini.yaml -p steps "$steps" \
-   -p feature_cache "$r/features" -p output_dir "$r/train-masked"
+pm nbs/03_train.ipynb "$run/03_train_thinkdiff.ipynb" -f params/train_mini.yaml -p steps "$steps" \
+   -p feature_cache "$r/features" -p output_dir "$r/thinkdiff"
 echo "== 2/6 no-masking ablation"
-pm nbs/03_train.ipynb "$run/03_train_full.ipynb" -f params/train_mini.yaml -p steps "$steps" -p mode generated-full \
-   -p feature_cache "$r/features" -p data_dir "$data" -p output_dir "$r/train-full"
+pm nbs/03_train.ipynb "$run/03_train_no-masking.ipynb" -f params/train_mini.yaml -p steps "$steps" -p method no-masking \
+   -p feature_cache "$r/features" -p data_dir "$data" -p output_dir "$r/no-masking"
 echo "== 3/6 input-token ablation"
-pm nbs/03_train.ipynb "$run/03_train_input.ipynb" -f params/train_mini.yaml -p steps "$steps" -p mode input \
-   -p feature_cache "$r/features" -p data_dir "$data" -p output_dir "$r/train-input"
+pm nbs/03_train.ipynb "$run/03_train_input-tokens.ipynb" -f params/train_mini.yaml -p steps "$steps" -p method input-tokens \
+   -p feature_cache "$r/features" -p data_dir "$data" -p output_dir "$r/input-tokens"
 echo "== 4/6 RMSNorm ablation"
 pm nbs/04_rmsnorm_ablation.ipynb "$run/04_rmsnorm_ablation.ipynb" -f params/rmsnorm_mini.yaml \
    -p feature_cache "$r/features" -p output_dir "$r/rmsnorm"
 echo "== 5/6 CoBSAT"
-pm nbs/05_cobsat.ipynb "$run/05_cobsat.ipynb" -f params/cobsat_mini.yaml -p aligner_masked "$r/train-masked/aligner" \
-   -p aligner_full "$r/train-full/aligner" -p aligner_input "$r/train-input/aligner" -p output_dir "$r/cobsat"
+pm nbs/05_cobsat.ipynb "$run/05_cobsat.ipynb" -f params/cobsat_mini.yaml -p output_dir "$r/cobsat" \
+   -y "aligners: {thinkdiff: $r/thinkdiff/aligner, no-masking: $r/no-masking/aligner, input-tokens: $r/input-tokens/aligner}"
 echo "== 6/6 generation example"
-pm nbs/06_generate.ipynb "$run/06_generate.ipynb" -p aligner_masked "$r/train-masked/aligner" -p output_dir "$r/generate"
+pm nbs/06_generate.ipynb "$run/06_generate.ipynb" -y "aligners: {thinkdiff: $r/thinkdiff/aligner}" -p output_dir "$r/generate"
 
 "$bin/python" - "$run" <<'PY'
 import json, sys
 from pathlib import Path
 run = Path(sys.argv[1])
-train = {m: json.loads((run / f"train-{m}" / "metrics.json").read_text())["metrics"]["heldout"] for m in ("masked", "full", "input")}
+train = {m: json.loads((run / m / "metrics.json").read_text())["metrics"]["heldout"] for m in ("thinkdiff", "no-masking", "input-tokens")}
 cobsat = json.loads((run / "cobsat" / "metrics.json").read_text())
 summary = {"aligner_heldout": train, "cobsat_both_right_mean": cobsat["both_right_mean"],
            "rmsnorm": json.loads((run / "rmsnorm" / "metrics.json").read_text())["metrics"]}

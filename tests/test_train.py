@@ -10,8 +10,9 @@ from thinkdiff_nb.aligner import Aligner, init_norm_from_t5, t5_final_norm_weigh
 from thinkdiff_nb.data import MemorySource, open_image_captions
 from thinkdiff_nb.features import FeatureCache, extract_features, generate_with_features, sha256
 import thinkdiff_nb.features as features_module
+from thinkdiff_nb.methods import ALIGNER_METHODS
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn, cache_pixels, make_example, split_point
-from thinkdiff_nb.pretrain import fit
+from thinkdiff_nb.loop import fit
 
 NBS = Path(__file__).parents[1] / "nbs"
 
@@ -50,10 +51,10 @@ def test_split_never_empty_and_one_token_answers():
     class Tok:
         def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids.tolist()))
     one = {"generated_ids": torch.tensor([5]), "generated_features": torch.ones(1, 4), "prompt_features": torch.ones(3, 4)}
-    feats, target = make_example(one, "generated-masked", random.Random(0), Tok())
+    feats, target = make_example(one, "thinkdiff", random.Random(0), Tok())
     assert feats.shape == (1, 4) and target == "5"
     two = {"generated_ids": torch.tensor([5, 6]), "generated_features": torch.ones(2, 4), "prompt_features": torch.ones(3, 4)}
-    feats, target = make_example(two, "generated-masked", random.Random(0), Tok())
+    feats, target = make_example(two, "thinkdiff", random.Random(0), Tok())
     assert feats.shape == (1, 4) and target == "6"
 
 
@@ -120,7 +121,7 @@ def test_t5_init_copies_the_final_norm(tiny):
 def test_killed_training_resumes_bit_equal(tiny, tmp_path):
     _, (vlm, processor), (t5, t5_tok) = tiny
     cache = extract_features(vlm, processor, _data(12), tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=6, batch_size=6, max_new_tokens=6)
-    batches = AlignerBatches(cache, "generated-masked", processor.tokenizer, t5_tok, batch_size=4)
+    batches = AlignerBatches(cache, "thinkdiff", processor.tokenizer, t5_tok, batch_size=4)
     def train(path, crash_at=None):
         torch.manual_seed(0)
         aligner = Aligner(cache.width, t5.config.d_model)
@@ -148,18 +149,18 @@ def _run_train(tmp_path, **params):
                                progress_bar=False, kernel_name="python3")
 
 
-@pytest.mark.parametrize("mode", ["generated-masked", "generated-full", "input", "generated-image"])
-def test_train_notebook_runs_in_every_mode(tmp_path, mode):
-    _run_train(tmp_path, mode=mode)
+@pytest.mark.parametrize("method", list(ALIGNER_METHODS))
+def test_train_notebook_runs_every_aligner_method(tmp_path, method):
+    _run_train(tmp_path, method=method)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["params"]["mode"] == mode and np.isfinite(metrics["metrics"]["heldout"]["loss"])
+    assert metrics["params"]["method"] == method and np.isfinite(metrics["metrics"]["heldout"]["loss"])
     image_read = metrics["metrics"]["image_decoder_flow_loss"]  # only generated rows are read by the image decoder
-    assert image_read is None if mode == "input" else np.isfinite([image_read["aligned"], image_read["empty_prompt"]]).all()
+    assert image_read is None if method == "input-tokens" else np.isfinite([image_read["aligned"], image_read["empty_prompt"]]).all()
     assert (tmp_path / "run" / "aligner" / "config.json").exists() and (tmp_path / "run" / "loss.png").exists()
     assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 4
 
 
 def test_train_notebook_rejects_a_bad_parameter(tmp_path):
     import papermill as pm
-    with pytest.raises(pm.PapermillExecutionError, match="parameter mode='masked' is not one of"):
-        _run_train(tmp_path, mode="masked")
+    with pytest.raises(pm.PapermillExecutionError, match="parameter method='masked' is not one of"):
+        _run_train(tmp_path, method="masked")
