@@ -1,13 +1,21 @@
-"The docs site (`make docs`) in a real browser: every page loads from loopback with its title, its figures decode, and no request fails or error is logged."
-import functools, http.server, shutil, subprocess, threading
+"""The docs site (`make docs`) in a real browser: every page, results pages included, loads from loopback with its title,
+its figures decode, maths renders with the site's own KaTeX, and no request fails, errs or leaves 127.0.0.1."""
+import functools, http.server, json, os, shutil, subprocess, sys, threading
 from pathlib import Path
-import pytest
+from urllib.parse import urlsplit
+import pytest, yaml
+
+pytestmark = pytest.mark.slow  # the whole site built and loaded in chromium
 
 ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
 CHROMIUM = shutil.which("chromium")
 # Debian's chromium as root, headless; without the networking flags it keeps trying to reach its own services
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+# the quickest pipeline notebook that draws a figure: about 17 s with these settings, kernel start-up included
+RESULTS_NB = "06_generate"
+RESULTS_SETTINGS = {"samples": 1, "methods": ["thinkdiff"], "sample_steps": 2, "judge": "none"}
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -15,54 +23,124 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args): pass
 
 
+def execute_pipeline(run: Path, work: Path, log) -> subprocess.Popen:
+    "Start papermill on the results notebook, as `make reproduce` runs it: no MPLBACKEND, so figures are inline."
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    settings = yaml.safe_dump({**RESULTS_SETTINGS, "output_dir": str(work)})
+    cmd = [BIN / "papermill", "--no-progress-bar", "--log-level", "WARNING", ROOT / "nbs" / f"{RESULTS_NB}.ipynb",
+           run / f"{RESULTS_NB}.ipynb", "-y", settings]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+
+
 @pytest.fixture(scope="module")
-def site():
-    "The built site, served on 127.0.0.1 for the module's tests."
-    subprocess.run(["make", "-s", "docs"], cwd=ROOT, check=True, capture_output=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(ROOT / "_docs")))
+def site(tmp_path_factory):
+    "The site built as `make docs` builds it, with a run of one executed notebook, in a temporary folder on 127.0.0.1."
+    tmp = tmp_path_factory.mktemp("docs")
+    run = tmp / "outputs" / "test-run"
+    run.mkdir(parents=True)
+    with open(tmp / "papermill.log", "w") as log:
+        papermill = execute_pipeline(run, tmp / "work", log)
+        # nbdev's processed notebooks are a cache in the project (`make docs` keeps them there); the build goes to tmp
+        subprocess.run([BIN / "nbdev-proc-nbs"], cwd=ROOT, check=True, capture_output=True)
+        assert papermill.wait() == 0, (tmp / "papermill.log").read_text()[-3000:]
+    shutil.copytree(ROOT / "_proc", tmp / "_proc", ignore=shutil.ignore_patterns("_docs", "results"))
+    subprocess.run([sys.executable, ROOT / "tools" / "build_docs.py", "--run", run, "--proc", tmp / "_proc", "--out",
+                    tmp / "_docs"], cwd=ROOT, check=True, capture_output=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(tmp / "_docs")))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield ROOT / "_docs", f"http://127.0.0.1:{server.server_port}"
+    yield tmp, f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
 
 
-def pages(folder: Path) -> list[str]:
-    "The site's top-level pages: one per notebook."
-    return sorted(p.name for p in folder.glob("*.html"))
+def pages(folder: Path, under: str = "") -> list[str]:
+    "The site's pages in one folder: one per notebook."
+    return sorted(p.relative_to(folder).as_posix() for p in (folder / under).glob("*.html"))
 
 
 def test_one_page_per_notebook(site):
-    folder, _ = site
-    assert pages(folder) == sorted(f"{nb.stem}.html" for nb in (ROOT / "nbs").glob("*.ipynb"))
+    tmp, _ = site
+    assert pages(tmp / "_docs") == sorted(f"{nb.stem}.html" for nb in (ROOT / "nbs").glob("*.ipynb"))
+    assert pages(tmp / "_docs", "results") == [f"results/{RESULTS_NB}.html"]
+
+
+def sidebar_files(items: list) -> list[str]:
+    "Every file a sidebar lists, through its sections."
+    return [f for i in items for f in (sidebar_files(i["contents"]) if isinstance(i, dict) else [i])]
+
+
+def test_sidebar_lists_every_notebook_once():
+    listed = sidebar_files(yaml.safe_load((ROOT / "nbs" / "sidebar.yml").read_text())["website"]["sidebar"]["contents"])
+    assert sorted(listed) == sorted(nb.name for nb in (ROOT / "nbs").glob("*.ipynb"))
+
+
+def test_built_sidebar_adds_the_results(site):
+    tmp, _ = site
+    contents = yaml.safe_load((tmp / "_proc" / "sidebar.yml").read_text())["website"]["sidebar"]["contents"]
+    assert sorted(sidebar_files(contents[:-1])) == sorted(nb.name for nb in (ROOT / "nbs").glob("*.ipynb"))
+    assert contents[-1] == {"section": "Results of run test-run", "contents": [f"results/{RESULTS_NB}.ipynb"]}
+
+
+def test_results_page_is_cleaned(site):
+    tmp, _ = site
+    cells = json.loads((tmp / "_proc" / "results" / f"{RESULTS_NB}.ipynb").read_text())["cells"]
+    source = lambda c: "".join(c["source"])
+    tagged = lambda tag: [c for c in cells if tag in c["metadata"].get("tags", [])]
+    outs = [o for c in cells for o in c.get("outputs", [])]
+    assert cells[0]["cell_type"] == "raw" and "— results of run test-run" in source(cells[0])
+    assert not [o for o in outs if o.get("name") == "stderr" or "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert not tagged("injected-parameters")
+    assert len(tagged("parameters")) == 1 and "sample_steps: int = 2" in source(tagged("parameters")[0])
+    assert [o for o in outs if "image/png" in o.get("data", {})], "the executed notebook has no inline figure"
+
+
+# each page's heading, title, images and maths, read once it has loaded and its fonts are ready
+PAGE_STATE = """async () => { await document.fonts.ready; return {
+  heading: (document.querySelector('h1') || {innerText: ''}).innerText.trim(), title: document.title,
+  images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
+  maths: document.querySelectorAll('.math .katex').length,
+  katexFonts: [...document.fonts].filter(f => f.family.includes('KaTeX') && f.status === 'loaded').length}; }"""
+
+
+def is_loopback(url: str) -> bool:
+    "Whether a request stays on this machine: 127.0.0.1, or data the page already holds."
+    parts = urlsplit(url)
+    return parts.scheme in ("data", "blob", "about") or parts.hostname == "127.0.0.1"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make setup installs it)")
 def test_every_page_in_chromium(site):
     from playwright.sync_api import sync_playwright
-    folder, base = site
-    problems, seen = [], {}
+    tmp, base = site
+    problems, seen, requests = [], {}, []
+
+    def route(r):
+        requests.append(r.request.url)
+        r.continue_() if is_loopback(r.request.url) else r.abort()
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
+        page.route("**/*", route)
         page.on("console", lambda m: problems.append(f"{page.url}: console {m.type}: {m.text}") if m.type == "error" else None)
-        page.on("requestfailed", lambda r: problems.append(f"{page.url}: failed request {r.url} ({r.failure})"))
+        # moving on to the next page cancels (net::ERR_ABORTED) what the last one fetches after `load`, such as its favicon
+        page.on("requestfailed", lambda r: problems.append(f"{page.url}: failed request {r.url} ({r.failure})")
+                if r.failure != "net::ERR_ABORTED" else None)
         page.on("response", lambda r: problems.append(f"{page.url}: {r.status} for {r.url}") if r.status >= 400 else None)
-        for name in pages(folder):
-            page.goto(f"{base}/{name}", wait_until="networkidle")
-            heading = page.locator("h1").first.inner_text().strip()
-            images = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
-            seen[name] = (page.title(), heading, images)
+        for name in pages(tmp / "_docs") + pages(tmp / "_docs", "results"):
+            page.goto(f"{base}/{name}", wait_until="load")
+            seen[name] = page.evaluate(PAGE_STATE)
         browser.close()
+    assert not [u for u in requests if not is_loopback(u)], "requests leave 127.0.0.1"
     assert not problems, "\n".join(problems)
-    for name, (title, heading, images) in seen.items():
-        assert heading and title.startswith(heading), f"{name}: title {title!r}, heading {heading!r}"
-        assert all(images), f"{name}: {images.count(False)} of {len(images)} images did not decode"
-    assert seen["index.html"][1] == "thinkdiff_nb"
-    headings = [heading for _, heading, _ in seen.values()]
+    for name, s in seen.items():
+        assert s["heading"] and s["title"].startswith(s["heading"]), f"{name}: title {s['title']!r}, heading {s['heading']!r}"
+        assert all(s["images"]), f"{name}: {s['images'].count(False)} of {len(s['images'])} images did not decode"
+    assert seen["index.html"]["heading"] == "thinkdiff_nb"
+    headings = [s["heading"] for s in seen.values()]
     assert len(set(headings)) == len(headings), f"pages share a heading: {sorted(h for h in headings if headings.count(h) > 1)}"
-
-
-def test_sidebar_lists_every_notebook_once():
-    import yaml
-    def files(items): return [f for i in items for f in (files(i["contents"]) if isinstance(i, dict) else [i])]
-    listed = files(yaml.safe_load((ROOT / "nbs" / "sidebar.yml").read_text())["website"]["sidebar"]["contents"])
-    assert sorted(listed) == sorted(nb.name for nb in (ROOT / "nbs").glob("*.ipynb"))
+    results = seen[f"results/{RESULTS_NB}.html"]
+    assert results["heading"].endswith("— results of run test-run") and results["images"], "the results page has no figure"
+    with_maths = {name: s for name, s in seen.items() if s["maths"]}
+    assert with_maths, "no page renders maths with KaTeX"
+    assert all(s["katexFonts"] for s in with_maths.values()), f"KaTeX's fonts not loaded on {sorted(with_maths)}"
+    assert any("/site_libs/katex/fonts/" in u for u in requests), "KaTeX's fonts do not come from the site"
