@@ -1,4 +1,6 @@
 "CoBSAT's judges: its question text and reply parsing, and the mini, LLaVA and CLIP judges on real renders."
+import json
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -8,17 +10,9 @@ from thinkdiff_nb.judges import (JUDGES, ClipJudge, LlavaJudge, MiniJudge, expan
                                  load_cobsat_judge, parse_option)
 from thinkdiff_nb.world import THEMES, render
 
-# CoBSAT's configs.py: item_dict (the axes used by its five themes) and item2word, restated
-ITEM_DICT = {
-    "color": ["yellow", "white", "red", "purple", "pink", "orange", "green", "brown", "blue", "black"],
-    "object": ["leaf", "hat", "cup", "chair", "car", "box", "book", "ball", "bag", "apple"],
-    "animal": ["zebra", "tiger", "sheep", "pig", "monkey", "lion", "dog", "cow", "cat", "bird"],
-    "style": ["watercolor", "sketch", "pixel", "origami", "lego", "icon", "graffiti", "futuristic", "3d", "old"],
-    "action": ["swim", "sleep", "sing", "run", "read", "fly", "eat", "drink", "cry", "angry"],
-    "background": ["beach", "desert", "glacier", "volcano", "park", "gym", "waterfall", "space", "cave", "seafloor"],
-    "texture": ["wood", "wicker", "sequined", "plastic", "paper", "metal", "leather", "lace", "denim", "ceramic"],
-}
-ITEM2WORD = {"3d": "wireframe", "park": "amusement park"}
+# CoBSAT's configs.py: item_dict (the axes used by its five themes) and item2word, restated as a fixture
+CONFIGS = json.loads((Path(__file__).parents[1] / "data" / "fixtures" / "cobsat_configs.json").read_text())
+ITEM_DICT, ITEM2WORD = CONFIGS["item_dict"], CONFIGS["item2word"]
 
 
 def cobsat_eval_prompts(task_type: str) -> dict:
