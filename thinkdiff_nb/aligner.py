@@ -16,8 +16,8 @@ from .backbones import weight_files
 
 # %% auto #0
 __all__ = ['NORM_VARIANTS', 'T5_FINAL_NORM', 'READOUT_FILE', 'OFFICIAL_TO_OURS', 'OFFICIAL_FROZEN_ALIASES', 'Aligner',
-           't5_final_norm_weight', 'init_norm_from_t5', 'fit_readout', 'apply_readout', 'save_readout', 'load_readout',
-           'load_aligner']
+           't5_final_norm_weight', 'init_norm_from_t5', 't5_aligner', 'fit_readout', 'apply_readout', 'save_readout',
+           'load_readout', 'load_aligner']
 
 # %% ../nbs/02a_aligner.ipynb #38d515a4
 NORM_VARIANTS = ("t5", "default", "none")
@@ -55,6 +55,14 @@ def init_norm_from_t5(aligner: Aligner, weight: torch.Tensor) -> Aligner:
         raise ValueError(f"T5 norm weight has shape {tuple(weight.shape)}, the aligner's norm {tuple(aligner.rms_norm.weight.shape)}")
     with torch.no_grad(): aligner.rms_norm.weight.copy_(weight)
     return aligner
+
+# %% ../nbs/02a_aligner.ipynb #2bfacfd8
+def t5_aligner(d_vlm: int, t5, t5_source: str,  # t5: the model the aligner feeds; t5_source: its checkpoint
+               norm: str = "t5", seed: int = 0) -> Aligner:
+    "A seeded aligner to `t5`'s width whose norm, for `norm='t5'`, starts as T5's encoder final norm (Section 3.2)."
+    torch.manual_seed(seed)
+    aligner = Aligner(d_vlm, t5.config.d_model, norm=norm)
+    return init_norm_from_t5(aligner, t5_final_norm_weight(t5_source)) if norm == "t5" else aligner
 
 # %% ../nbs/02a_aligner.ipynb #aad54dfa
 READOUT_FILE = "t5_readout.safetensors"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .backbones import prepare_image, process_share, process_state, share_of, to_pixels
 from .image_decoders import ImageDecoder
-from .aligner import Aligner, apply_readout, fit_readout, init_norm_from_t5, t5_final_norm_weight
+from .aligner import Aligner, apply_readout, fit_readout, t5_aligner
 from .features import FeatureCache, cache_complete, extract_features
 from .loop import fit
 from .methods import ALIGNER_METHODS, aligner_method
@@ -265,10 +265,7 @@ def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tok
                   pixel_size: int = 32,                 # image-loss only: side of the images the decoder trains on
                   ) -> tuple[Aligner, list[float], dict]:
     "Train one aligner (data-parallel under `accelerate launch`); returns it, its per-step losses and its held-out continuation metrics."
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    aligner = Aligner(train_cache.width, t5.config.d_model, norm=norm)
-    if norm == "t5": init_norm_from_t5(aligner, t5_final_norm_weight(t5_source))
+    out_dir, aligner = Path(out_dir), t5_aligner(train_cache.width, t5, t5_source, norm, seed)
     if aligner_method(method).loss == "image-decoder":
         if decoder is None or source is None: raise ValueError(f"method {method!r} trains on the image decoder: pass decoder and source")
         loss_fn = image_loss_fn(decoder, ImageBatches(train_cache, source, pixel_size, batch_size))
