@@ -16,7 +16,7 @@ from thinkdiff_nb.tiny_paper import save_tiny_paper
 from thinkdiff_nb.backbones import ImageOnlyQwen2VLProcessor, Judge
 from thinkdiff_nb.world import THEMES, caption, render
 
-FOLDERS = ("vlm", "t5", "flux", "judge", "llava", "clip", "aligners")
+FOLDERS = ("vlm", "t5", "flux", "judge", "llava", "clip", "blip2", "cogvideox", "aligners")
 
 
 @pytest.fixture(scope="module")

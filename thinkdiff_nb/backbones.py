@@ -392,6 +392,8 @@ class Profile:
     vlm: str = ""    # Qwen2VLForConditionalGeneration folder (with its processor files) or id
     llava: str = ""  # CoBSAT's judge, LlavaForConditionalGeneration folder or id (the paper: llava-1.5-13b)
     clip: str = ""   # CoBSAT's second metric, CLIPModel folder or id (ViT-B/32)
+    vision: str | None = None  # ThinkDiff-CLIP's vision encoder: a BLIP-2 folder or id whose vision tower is read (EVA ViT-g, 1408 wide, 224 px)
+    video: str | None = None   # CogVideoXPipeline folder or id for ThinkDiff-CLIP's video (CogVideoX-5b); None: the profile draws no video
     describe_instructions: tuple = tuple(DESCRIBE_INSTRUCTIONS)  # one drawn per training image at feature extraction
     text_width: int = 128  # T5 d_model = the decoder's joint_attention_dim
     kind: str = "mini"     # mini: word-level tokenizers, pixel-space decoder; paper: hub layouts, FluxPipeline
@@ -405,9 +407,10 @@ class Profile:
 
 PROFILES = {
     "mini": Profile("mini", str(MINI_DIR / "t5"), str(MINI_DIR / "decoder"), str(MINI_DIR / "judge"), str(MINI_DIR / "vlm"),
-                    aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_METHODS}),
+                    vision=str(MINI_DIR / "vision"), aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_METHODS}),
     "paper": Profile("paper", "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", vlm="Qwen/Qwen2-VL-7B-Instruct",
                      llava="llava-hf/llava-1.5-13b-hf", clip="openai/clip-vit-base-patch32",
+                     vision="Salesforce/blip2-flan-t5-xxl", video="THUDM/CogVideoX-5b",
                      text_width=4096, kind="paper", image_size=None, cobsat_size=512, demo_size=1024,
                      describe_instructions=tuple(OFFICIAL_DESCRIBE_INSTRUCTIONS)),
 }
