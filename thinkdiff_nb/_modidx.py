@@ -499,6 +499,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'thinkdiff_nb.train.t5_readout': ('training.html#t5_readout', 'thinkdiff_nb/train.py'),
                                     'thinkdiff_nb.train.t5_space_agreement': ('training.html#t5_space_agreement', 'thinkdiff_nb/train.py'),
                                     'thinkdiff_nb.train.t5_space_pairs': ('training.html#t5_space_pairs', 'thinkdiff_nb/train.py'),
+                                    'thinkdiff_nb.train.teacher_forced_metrics': ( 'training.html#teacher_forced_metrics',
+                                                                                   'thinkdiff_nb/train.py'),
                                     'thinkdiff_nb.train.token_starts': ('training.html#token_starts', 'thinkdiff_nb/train.py'),
                                     'thinkdiff_nb.train.train_aligner': ('training.html#train_aligner', 'thinkdiff_nb/train.py')},
             'thinkdiff_nb.world': { 'thinkdiff_nb.world.ImageCaptionSet': ('world.html#imagecaptionset', 'thinkdiff_nb/world.py'),

@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, Blip2VisionModel, CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .world import AXES, THEMES
-from .backbones import prepare_image, process_share, process_state, read_tensor, share_of, to_pixels, weight_files
+from .backbones import prepare_image, process_share, process_state, share_of, to_pixels, weight_files
 from .aligner import Aligner, t5_aligner
 from .loop import fit
 from .pretrain import augment
-from .train import label_tokens
+from .train import label_tokens, teacher_forced_metrics
 
 # %% auto #0
 __all__ = ['IMAGE_MODES', 'VISION_BAR', 'VISION_CLASSES', 'clip_normalise', 'vision_pixels', 'vision_states',
@@ -153,17 +153,11 @@ def clip_loss_fn(t5, batches: ClipBatches):
 @torch.no_grad()
 def clip_metrics(aligner, t5, batches: ClipBatches, n_batches: int = 10, seed: int = 1234, image: str = "own") -> dict:
     "Held-out suffix loss and teacher-forced token accuracy on fixed seeded batches, reading the image tokens as `image` says."
-    g, losses, right, total = torch.Generator().manual_seed(seed), [], 0, 0
     aligner.eval()
-    for _ in range(n_batches):
+    def inputs(g):
         batch = batches(g)
-        states, mask = clip_states(aligner, t5, batch, image)
-        labels = batch[3]
-        out = t5(encoder_outputs=(states,), attention_mask=mask, labels=labels.to(states.device))
-        keep = labels != -100
-        right += int((out.logits.argmax(-1).cpu()[keep] == labels[keep]).sum()); total += int(keep.sum())
-        losses.append(out.loss.item())
-    return {"loss": float(np.mean(losses)), "token_accuracy": right / total, "tokens": total}
+        return (*clip_states(aligner, t5, batch, image), batch[3])
+    return teacher_forced_metrics(t5, inputs, n_batches, seed)
 
 # %% ../nbs/02g_clip.ipynb #84e6c6b6
 def train_clip_aligner(train: ImageTokens, val: ImageTokens, t5, t5_tokenizer, t5_source: str, out_dir,
@@ -271,15 +265,10 @@ def load_vision(path_or_id: str | Path, device="cpu", dtype=torch.float32):
     if Path(path_or_id).is_absolute() and not (Path(path_or_id) / "config.json").exists():
         raise FileNotFoundError(f"no vision encoder at {path_or_id}: no config.json (train one with nbs/10_train_clip.ipynb)")
     config = AutoConfig.from_pretrained(path_or_id)
-    if config.model_type == "blip-2":
-        from accelerate import init_empty_weights
-        from accelerate.utils import set_module_tensor_to_device
-        with init_empty_weights(): model = Blip2VisionModel(config.vision_config)
+    if config.model_type == "blip-2":  # the tower's tensors sit under vision_model.; the Q-Former and T5 are never read
         files = weight_files(path_or_id)
-        for name in model.state_dict():
-            key = f"vision_model.{name}"
-            if key not in files: raise ValueError(f"{path_or_id} lacks {key}")
-            set_module_tensor_to_device(model, name, device, value=read_tensor(files[key], key, dtype, device), dtype=dtype)
+        if not any(k.startswith("vision_model.") for k in files): raise ValueError(f"{path_or_id} holds no vision_model.* tensors")
+        model = Blip2VisionModel.from_pretrained(path_or_id, key_mapping={r"^vision_model\.": ""}, dtype=dtype).to(device)
     elif config.model_type in VISION_CLASSES: model = VISION_CLASSES[config.model_type].from_pretrained(path_or_id, dtype=dtype).to(device)
     else: raise ValueError(f"{path_or_id} is a {config.model_type!r} model, not one of {[*VISION_CLASSES, 'blip-2']}")
     return model.eval().requires_grad_(False)

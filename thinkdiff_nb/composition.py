@@ -5,6 +5,7 @@
 # %% ../nbs/02h_composition.ipynb #00000002
 from __future__ import annotations
 from pathlib import Path
+import os
 import numpy as np
 import torch
 from diffusers import CogVideoXPipeline
@@ -111,9 +112,12 @@ def draw_video(pipe: CogVideoXPipeline, embeds: torch.Tensor, negative: torch.Te
 
 def write_video(frames: np.ndarray,  # one video, float (F, H, W, 3) in [0, 1]
                 path: str | Path, fps: int = 8) -> Path:
-    "One video written as an mp4 file by diffusers' `export_to_video`."
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return Path(export_to_video(list(frames), str(path), fps=fps))
+    "One video written as an mp4 file by diffusers' `export_to_video`, through a temporary file and one rename."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix tells ffmpeg the container
+    export_to_video(list(frames), str(tmp), fps=fps)
+    os.replace(tmp, path)
+    return path
 
 def read_video(path: str | Path) -> np.ndarray:
     "A video file's frames, uint8 (F, H, W, 3), read with imageio's ffmpeg."

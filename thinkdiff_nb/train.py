@@ -22,9 +22,10 @@ from .world import write_image_caption_set
 
 # %% auto #0
 __all__ = ['split_point', 'make_example', 'collate', 'label_tokens', 'AlignerBatches', 'aligner_loss', 'aligner_loss_fn',
-           'continuation_metrics', 'cache_pixels', 'ImageBatches', 'image_loss_fn', 'image_loss_metrics',
-           'content_probe', 'encoder_states', 'decoder_states', 'token_starts', 'paired_rows', 't5_space_pairs',
-           't5_space_agreement', 't5_readout', 'train_aligner', 'image_caption_root', 'feature_caches']
+           'teacher_forced_metrics', 'continuation_metrics', 'cache_pixels', 'ImageBatches', 'image_loss_fn',
+           'image_loss_metrics', 'content_probe', 'encoder_states', 'decoder_states', 'token_starts', 'paired_rows',
+           't5_space_pairs', 't5_space_agreement', 't5_readout', 'train_aligner', 'image_caption_root',
+           'feature_caches']
 
 # %% ../nbs/02c_training.ipynb #065af3e5
 def split_point(length: int, max_split: int, rng: random.Random) -> int:
@@ -91,18 +92,25 @@ def aligner_loss_fn(t5, batches: AlignerBatches):
     return lambda aligner, g: aligner_loss(aligner, t5, batches(g), next(aligner.parameters()).device)
 
 @torch.no_grad()
-def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 10, seed: int = 1234) -> dict:
-    "Held-out loss and teacher-forced next-token accuracy of the T5 decoder, on fixed seeded batches."
+def teacher_forced_metrics(t5, decoder_inputs,  # generator -> (encoder states (B, S, d), mask (B, S), labels (B, T) on the CPU)
+                           n_batches: int = 10, seed: int = 1234) -> dict:
+    "Mean loss and teacher-forced next-token accuracy of the frozen T5 decoder over fixed seeded batches."
     g, losses, right, total = torch.Generator().manual_seed(seed), [], 0, 0
-    aligner.eval()
     for _ in range(n_batches):
-        features, mask, labels, _ = batches(g)
-        out = t5(encoder_outputs=(aligner(features.to(aligner.device)).to(t5.dtype),), attention_mask=mask.to(aligner.device),
-                 labels=labels.to(aligner.device))
+        states, mask, labels = decoder_inputs(g)
+        out = t5(encoder_outputs=(states,), attention_mask=mask, labels=labels.to(states.device))
         keep = labels != -100
         right += int((out.logits.argmax(-1).cpu()[keep] == labels[keep]).sum()); total += int(keep.sum())
         losses.append(out.loss.item())
     return {"loss": float(np.mean(losses)), "token_accuracy": right / total, "tokens": total}
+
+def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 10, seed: int = 1234) -> dict:
+    "Held-out loss and teacher-forced next-token accuracy of the T5 decoder on an aligner's tokens, on fixed seeded batches."
+    aligner.eval()
+    def inputs(g):
+        features, mask, labels, _ = batches(g)
+        return aligner(features.to(aligner.device)).to(t5.dtype), mask.to(aligner.device), labels
+    return teacher_forced_metrics(t5, inputs, n_batches, seed)
 
 # %% ../nbs/02c_training.ipynb #524fbf56
 def cache_pixels(cache: FeatureCache, source, indices: list[int], size: int) -> torch.Tensor:
