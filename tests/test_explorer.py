@@ -8,6 +8,7 @@ from thinkdiff_nb.world import TASKS, task_prompts
 from thinkdiff_nb.methods import ALIGNER_METHODS
 from thinkdiff_nb.inference import ThinkDiff, conditioning, rendered_demonstrations, respond
 from thinkdiff_nb.explorer import Explorer, read_back, torch_threads
+from thinkdiff_nb.composition_scores import CONDITIONINGS, aligned_images, composition_probes, score_block
 
 ROOT = Path(__file__).parents[1]
 PAPER_METHODS = {"thinkdiff", "no-masking", "input-tokens", "image-loss", "text-bridge", "oracle"}  # at least these
@@ -75,6 +76,27 @@ def test_only_the_methods_the_aligners_allow(ex):
     assert not set(text_only.methods) & set(ALIGNER_METHODS) and {"text-bridge", "oracle"} <= set(text_only.methods)
     assert text_only.read_backs == {}
     with pytest.raises(ValueError, match="cannot run"): Explorer(td=bare, methods=["thinkdiff"])
+
+
+def test_composition_tab(ex):
+    "The second tab: widget values pick the probe; its inputs, T5's read-backs, every conditioning's image and verdict follow."
+    cm = ex.composer
+    assert ex.widget.children[1] is cm.widget and ex.widget.titles == ("CoBSAT prompt", "Composition")
+    set_values(cm, kind="two-images+text", probe=42, seed=3)
+    probe = composition_probes("two-images+text", 43)[42]
+    assert cm.probe == probe and probe.text in cm.status.value and " / ".join(probe.target) in cm.status.value
+    assert len(cm.input_box.children) == len(probe.renders) == 2
+    for shown, expected in zip(cm.inputs, probe.images()): np.testing.assert_array_equal(shown, expected)
+    with torch_threads(cm.threads):
+        records, drawn = score_block(ex.td.decoder, cm.judge, [probe], CONDITIONINGS, cm.vision, cm.aligner,
+                                     steps=cm.controls["steps"].value, seed=3)
+        reads = [read_back(cm.t5, cm.t5_tokenizer, aligned_images(cm.vision, cm.aligner, [probe], k), cm.n_tokens)[0] for k in (0, 1)]
+    assert list(cm.images) == list(CONDITIONINGS)
+    for c, tile in zip(CONDITIONINGS, cm.image_box.children):
+        np.testing.assert_array_equal(cm.images[c], drawn[c][0])
+        row = records[records.conditioning == c].iloc[0]
+        assert tile.children[1].value == f"<small>{c}</small>" and f"{row.subject_answer} / {row.attribute_answer}" in tile.children[2].value
+    assert cm.read_backs == reads and all(f"T5 reads: {r}" in t.children[2].value for r, t in zip(reads, cm.input_box.children))
 
 
 CHROMIUM = shutil.which("chromium")

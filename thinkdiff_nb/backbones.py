@@ -26,9 +26,9 @@ __all__ = ['DTYPES', 'T5_SPECIALS', 'N_SENTINELS', 'PATCH', 'TEXT_LENGTH', 'QWEN
            'image_ids', 'to_pixels', 'to_uint8', 'encode_text', 'empty_pooled', 'decoder_velocity', 'share_randn',
            'flow_matching_loss', 'sample_images', 'Judge', 'judge_pairs', 'vlm_words', 'vlm_tokenizer',
            'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor', 'mini_vlm_config', 'description_messages', 'icl_messages',
-           'centre_crop', 'prepare_image', 'vlm_batch', 'vlm_answers', 'project_path', 'Profile', 'get_profile',
-           'as_profile', 'built_once', 'tiny_random_profile', 'require_weights', 'load_decoder', 'load_judge',
-           'checkpoint_file', 'weight_files', 'read_tensor', 'NoEncoder', 't5_decoder_only', 'load_t5',
+           'centre_crop', 'prepare_image', 'vlm_batch', 'vlm_answers', 'project_path', 'recorded_path', 'Profile',
+           'get_profile', 'as_profile', 'built_once', 'tiny_random_profile', 'require_weights', 'load_decoder',
+           'load_judge', 'checkpoint_file', 'weight_files', 'read_tensor', 'NoEncoder', 't5_decoder_only', 'load_t5',
            'load_vlm_processor', 'vlm_width', 'load_vlm']
 
 # %% ../nbs/01_backbones.ipynb #3b6a030c
@@ -380,6 +380,11 @@ def project_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     return path if path.is_absolute() else PROJECT_DIR / path
 
+def recorded_path(path: str | Path) -> str:
+    "How a metrics file names a path: relative to the project folder when inside it (a clone elsewhere reads the same)."
+    path = Path(path)
+    return str(path.relative_to(PROJECT_DIR)) if path.is_relative_to(PROJECT_DIR) else str(path)
+
 KINDS = ("mini", "paper")
 
 @dataclass(frozen=True)
@@ -394,6 +399,7 @@ class Profile:
     clip: str = ""   # CoBSAT's second metric, CLIPModel folder or id (ViT-B/32)
     vision: str | None = None  # ThinkDiff-CLIP's vision encoder: a BLIP-2 folder or id whose vision tower is read (EVA ViT-g, 1408 wide, 224 px)
     video: str | None = None   # CogVideoXPipeline folder or id for ThinkDiff-CLIP's video (CogVideoX-5b); None: the profile draws no video
+    clip_aligner: str = ""     # ThinkDiff-CLIP aligner: save_pretrained folder or official thinkdiff_clip.pth; empty: none shipped
     describe_instructions: tuple = tuple(DESCRIBE_INSTRUCTIONS)  # one drawn per training image at feature extraction
     text_width: int = 128  # T5 d_model = the decoder's joint_attention_dim
     kind: str = "mini"     # mini: word-level tokenizers, pixel-space decoder; paper: hub layouts, FluxPipeline
@@ -407,7 +413,8 @@ class Profile:
 
 PROFILES = {
     "mini": Profile("mini", str(MINI_DIR / "t5"), str(MINI_DIR / "decoder"), str(MINI_DIR / "judge"), str(MINI_DIR / "vlm"),
-                    vision=str(MINI_DIR / "vision"), aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_METHODS}),
+                    vision=str(MINI_DIR / "vision"), clip_aligner=str(MINI_DIR / "aligners" / "thinkdiff-clip"),
+                    aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_METHODS}),
     "paper": Profile("paper", "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", vlm="Qwen/Qwen2-VL-7B-Instruct",
                      llava="llava-hf/llava-1.5-13b-hf", clip="openai/clip-vit-base-patch32",
                      vision="Salesforce/blip2-flan-t5-xxl", video="THUDM/CogVideoX-5b",

@@ -4,14 +4,14 @@
 
 # %% ../nbs/02g_clip.ipynb #de8333a1
 from __future__ import annotations
-import json, math, random, re
+import json, math, os, random, re, shutil
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, Blip2VisionModel, CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from .world import AXES, THEMES
+from .world import AXES, THEMES, atomic_dir
 from .backbones import prepare_image, process_share, process_state, share_of, to_pixels, weight_files
 from .aligner import Aligner, t5_aligner
 from .loop import fit
@@ -19,11 +19,11 @@ from .pretrain import augment
 from .train import label_tokens, teacher_forced_metrics
 
 # %% auto #0
-__all__ = ['IMAGE_MODES', 'VISION_BAR', 'VISION_CLASSES', 'clip_normalise', 'vision_pixels', 'vision_states',
+__all__ = ['IMAGE_MODES', 'CLIP_ALIGNER_BAR', 'VISION_BAR', 'VISION_CLASSES', 'clip_normalise', 'vision_pixels', 'vision_states',
            'pool_vision_tokens', 'vision_tokens', 'blip_caption', 'random_split_string', 'ImageTokens', 'ClipBatches',
-           'clip_states', 'clip_loss', 'clip_loss_fn', 'clip_metrics', 'train_clip_aligner', 'mini_vision_config',
-           'axis_labels', 'VisionHeads', 'vision_heads_loss_fn', 'vision_heads_metrics', 'train_mini_vision',
-           'load_vision']
+           'clip_states', 'clip_loss', 'clip_loss_fn', 'clip_metrics', 'train_clip_aligner', 'clip_aligner_gain',
+           'ship_folder', 'mini_vision_config', 'axis_labels', 'VisionHeads', 'vision_heads_loss_fn',
+           'vision_heads_metrics', 'train_mini_vision', 'load_vision']
 
 # %% ../nbs/02g_clip.ipynb #fdeb9e8c
 def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -174,6 +174,24 @@ def train_clip_aligner(train: ImageTokens, val: ImageTokens, t5, t5_tokenizer, t
     aligner.save_pretrained(out_dir / "aligner", is_main_process=process_state().is_main_process)
     held_out = ClipBatches(val, t5_tokenizer, batch_size, max_txt_len, share=(0, 1))
     return aligner, run.losses, {m: clip_metrics(aligner, t5, held_out, eval_batches, seed=seed + 1, image=m) for m in IMAGE_MODES}
+
+# %% ../nbs/02g_clip.ipynb #9aa5493f
+CLIP_ALIGNER_BAR = 0.1  # held-out token accuracy the image's own tokens must add over the prefix alone and over another image's
+
+def clip_aligner_gain(heldout: dict) -> float:
+    "The smaller of own - none and own - shuffled held-out token accuracy (`train_clip_aligner`'s metrics)."
+    own = heldout["own"]["token_accuracy"]
+    return min(own - heldout[m]["token_accuracy"] for m in ("none", "shuffled"))
+
+def ship_folder(source: str | Path, target: str | Path) -> Path:
+    "Copy folder `source` to `target` (replacing it) through a staging sibling and one rename."
+    source, target = Path(source), Path(target)
+    if not source.is_dir(): raise FileNotFoundError(f"nothing to ship: {source} is not a folder")
+    staging = atomic_dir(target)
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
 
 # %% ../nbs/02g_clip.ipynb #8557fd7a
 VISION_BAR = 0.9  # held-out subject and attribute accuracy a mini vision encoder needs before it is shipped

@@ -19,7 +19,8 @@ from .world import is_heldout_pair
 
 # %% auto #0
 __all__ = ['COBSAT_IMAGES', 'TASK_NAMES', 'PUBLISHED', 'PUBLISHED_MEANS', 'cobsat_image_path', 'CobsatImages',
-           'write_cobsat_folder', 'score', 'judged', 'evaluate_block', 'evaluate', 'accuracy_table', 'published_table']
+           'write_cobsat_folder', 'score', 'judged', 'evaluate_block', 'write_csv', 'evaluate', 'accuracy_table',
+           'published_table']
 
 # %% ../nbs/02e_cobsat.ipynb #c0b5a703
 COBSAT_IMAGES = "datasets"  # the folder the released archive unpacks to
@@ -101,7 +102,8 @@ def evaluate_block(td: ThinkDiff, judges: dict[str, CobsatJudge], task, shot: in
     return records.assign(task=task.name, task_id=task.id, shot=shot, prompt=list(range(start, start + len(prompts))) * len(frames),
                           heldout=heldout * len(frames)), examples
 
-def _write_csv(frame: pd.DataFrame, path: Path):
+def write_csv(frame: pd.DataFrame, path: Path):
+    "`frame` written to `path` as CSV through a temporary file and one rename."
     tmp = path.with_name(f".{path.name}.tmp"); frame.to_csv(tmp, index=False); os.replace(tmp, path)
 
 def _merge_blocks(out_dir: Path, unit: str, starts) -> bool:
@@ -110,7 +112,7 @@ def _merge_blocks(out_dir: Path, unit: str, starts) -> bool:
     if not all(p.exists() for p in blocks): return False
     records = pd.concat([pd.read_csv(p) for p in blocks], ignore_index=True)
     order = {m: i for i, m in enumerate(dict.fromkeys(records["method"]))}
-    _write_csv(records.sort_values(["method", "prompt"], key=lambda c: c.map(order) if c.name == "method" else c, kind="stable"),
+    write_csv(records.sort_values(["method", "prompt"], key=lambda c: c.map(order) if c.name == "method" else c, kind="stable"),
                out_dir / f"{unit}.csv")
     for p in blocks: p.unlink()
     return True
@@ -128,7 +130,7 @@ def evaluate(td: ThinkDiff, judges: dict[str, CobsatJudge], out_dir: Path, shots
         prompts = task_prompts(task, shot, n_prompts)
         for k in tqdm(starts[rank::processes], desc=f"{task.name} {shot}-shot", leave=False, disable=rank != 0):
             path = out_dir / f"{unit}.block{k:04d}.csv"
-            if not path.exists(): _write_csv(evaluate_block(td, judges, task, shot, k, prompts[k:k + batch_size], methods, **kwargs)[0], path)
+            if not path.exists(): write_csv(evaluate_block(td, judges, task, shot, k, prompts[k:k + batch_size], methods, **kwargs)[0], path)
     while not all((out_dir / f"{unit}.csv").exists() or (rank == 0 and _merge_blocks(out_dir, unit, starts)) for unit in units):
         time.sleep(poll_seconds)  # another process is still on its blocks
     return pd.concat([pd.read_csv(out_dir / f"{unit}.csv") for unit in units], ignore_index=True)

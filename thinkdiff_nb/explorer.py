@@ -14,9 +14,13 @@ from .world import SHOTS, TASKS, task_prompts
 from .backbones import Profile, as_profile, load_t5
 from .methods import ALIGNER_METHODS, METHODS, aligners_needed
 from .inference import ThinkDiff, conditioning, read_back, rendered_demonstrations, respond
+from .aligner import load_aligner
+from .clip import load_vision
+from .judges import load_cobsat_judge
+from .composition_scores import COMPOSITION_KINDS, CONDITIONINGS, aligned_images, composition_probes, score_block
 
 # %% auto #0
-__all__ = ['torch_threads', 'profile_aligners', 'runnable_methods', 'png', 'tile', 'Explorer']
+__all__ = ['torch_threads', 'profile_aligners', 'runnable_methods', 'png', 'tile', 'Explorer', 'has_composition', 'Composer']
 
 # %% ../nbs/09_explorer.ipynb #9489ca42
 @contextmanager
@@ -56,7 +60,7 @@ def tile(image: np.ndarray, *captions: str, scale: int = 3) -> W.VBox:
 
 # %% ../nbs/09_explorer.ipynb #5b8c0075
 class Explorer:
-    "Widgets over one CoBSAT prompt: demonstrations, the VLM's answer, each method's image and T5's read-backs."
+    "Widgets over one CoBSAT prompt (demonstrations, the VLM's answer, each method's image, T5's read-backs), and a Composition tab."
     def __init__(self, profile: Profile | str = "mini",
                  methods=None,           # default: every method the profile's aligners can run
                  sample_steps: int = 8,  # the decoder's steps at start (a widget): few, so a change redraws in seconds
@@ -64,6 +68,8 @@ class Explorer:
                  threads: int = 1,       # torch threads while recomputing (see `torch_threads`); 0: torch's own
                  scale: int = 3,         # on-page enlargement of the images
                  td: ThinkDiff | None = None,  # models already loaded (their profile is used); None: load the profile's
+                 composition: bool = True,  # a Composition tab (`Composer`) where the profile ships a vision encoder and CLIP aligner
+                 judge: str = "mini",       # the Composition tab's judge: mini | llava | clip
                  device="cpu"):
         self.td = td or ThinkDiff.load(profile, profile_aligners(profile), device)
         self.t5, self.t5_tokenizer = load_t5(self.td.profile, device)  # the T5 that the aligners were trained against
@@ -77,11 +83,16 @@ class Explorer:
         self.status, self.demo_box, self.method_box = W.HTML(), W.HBox(), W.HBox(layout=W.Layout(flex_flow="row wrap"))
         self.status.add_class("explorer-status"); self.demo_box.add_class("explorer-demonstrations")
         self.method_box.add_class("explorer-methods")
-        self.widget = W.VBox([W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")), self.status,
-                              W.HTML("<b>Demonstrations</b>"), self.demo_box, W.HTML("<b>Methods</b>"), self.method_box])
-        self.widget.add_class("thinkdiff-explorer")
+        prompt_tab = W.VBox([W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")), self.status,
+                             W.HTML("<b>Demonstrations</b>"), self.demo_box, W.HTML("<b>Methods</b>"), self.method_box])
+        prompt_tab.add_class("thinkdiff-explorer")
         self.update()
         for w in self.controls.values(): w.observe(lambda change: self.update(), names="value")
+        self.composer = (Composer.from_profile(self.td.profile, self.td.decoder, self.t5, self.t5_tokenizer, judge, device,
+                                               sample_steps=sample_steps, n_tokens=n_tokens, threads=threads, scale=scale)
+                         if composition and has_composition(self.td.profile) else None)
+        self.widget = prompt_tab if self.composer is None else W.Tab([prompt_tab, self.composer.widget],
+                                                                     titles=["CoBSAT prompt", "Composition"])
 
 # %% ../nbs/09_explorer.ipynb #f6b71291
 def _controls(self: Explorer, sample_steps: int) -> dict:
@@ -129,3 +140,67 @@ def _show(self: Explorer):
                          f"(target {' / '.join(p.target)})<br>VLM answer: <b>{html.escape(r['answer'])}</b> "
                          f"<small>(recomputed in {self.seconds:.1f} s)</small>")
 Explorer._show = _show
+
+# %% ../nbs/09_explorer.ipynb #c004f706
+def has_composition(profile: Profile | str) -> bool:
+    "Whether a profile ships what the Composition tab reads: a vision encoder and an existing ThinkDiff-CLIP aligner."
+    p = as_profile(profile)
+    return bool(p.vision and p.clip_aligner and Path(p.clip_aligner).exists())
+
+class Composer:
+    "Widgets over one composition probe: its inputs with T5's read-back of each, and every conditioning's image, judged."
+    def __init__(self, decoder, vision, aligner, judge, t5, t5_tokenizer,  # loaded models (see `from_profile`)
+                 sample_steps: int = 8, n_tokens: int = 24, threads: int = 1, scale: int = 3):  # as `Explorer`'s
+        self.decoder, self.vision, self.aligner, self.judge, self.t5, self.t5_tokenizer = decoder, vision, aligner, judge, t5, t5_tokenizer
+        self.n_tokens, self.threads, self.scale = n_tokens, threads, scale
+        small = dict(style={"description_width": "initial"}, layout=W.Layout(width="190px"))
+        self.controls = dict(kind=W.Dropdown(options=list(COMPOSITION_KINDS), description="kind", **small),
+                             probe=W.BoundedIntText(0, min=0, max=999, description="probe", **small),
+                             seed=W.BoundedIntText(0, min=0, max=2 ** 31 - 1, description="seed", **small),
+                             steps=W.IntSlider(sample_steps, min=1, max=28, description="decoder steps", continuous_update=False,
+                                               style={"description_width": "initial"}))
+        for name, w in self.controls.items(): w.add_class(f"composer-{name}")
+        self.status, self.input_box, self.image_box = W.HTML(), W.HBox(), W.HBox(layout=W.Layout(flex_flow="row wrap"))
+        for w, name in ((self.status, "status"), (self.input_box, "inputs"), (self.image_box, "images")): w.add_class(f"composer-{name}")
+        self.widget = W.VBox([W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")), self.status,
+                              W.HTML("<b>Inputs</b>"), self.input_box, W.HTML("<b>Conditionings</b>"), self.image_box])
+        self.widget.add_class("thinkdiff-composer")
+        self.update()
+        for w in self.controls.values(): w.observe(lambda change: self.update(), names="value")
+    @classmethod
+    def from_profile(cls, profile: Profile | str, decoder, t5, t5_tokenizer, judge: str = "mini", device="cpu", **kwargs):
+        "A Composer over a profile's vision encoder, CLIP aligner and judge, reusing a loaded decoder and T5."
+        p = as_profile(profile)
+        return cls(decoder, load_vision(p.vision, device), load_aligner(p.clip_aligner).to(device).eval(),
+                   load_cobsat_judge(p, judge, device), t5, t5_tokenizer, **kwargs)
+
+# %% ../nbs/09_explorer.ipynb #7c2aaa8f
+def _compose(self: Composer) -> float:
+    "Recompute the probe the widgets name and show it; returns the seconds taken."
+    start, v = time.perf_counter(), {name: w.value for name, w in self.controls.items()}
+    self.status.value = "<i>computing…</i>"
+    self.probe = composition_probes(v["kind"], v["probe"] + 1)[-1]
+    with torch_threads(self.threads):
+        self.records, drawn = score_block(self.decoder, self.judge, [self.probe], CONDITIONINGS, self.vision, self.aligner,
+                                          steps=v["steps"], seed=v["seed"])
+        self.images = {c: d[0] for c, d in drawn.items()}
+        self.read_backs = [read_back(self.t5, self.t5_tokenizer, aligned_images(self.vision, self.aligner, [self.probe], k),
+                                     self.n_tokens)[0] for k in range(len(self.probe.renders))]
+    self.inputs = self.probe.images()
+    self.seconds = time.perf_counter() - start
+    self._show()
+    return self.seconds
+Composer.update = _compose
+
+def _show_composition(self: Composer):
+    "Fill the output widgets from the last recompute."
+    p = self.probe
+    self.input_box.children = [tile(img, f"input {k + 1}: {s} / {a}", f"T5 reads: {rb or '(nothing)'}", scale=self.scale)
+                               for k, (img, (s, a, _), rb) in enumerate(zip(self.inputs, p.renders, self.read_backs))]
+    verdicts = self.records.set_index("conditioning")
+    self.image_box.children = [tile(self.images[c], c, f"judge: {verdicts.loc[c, 'subject_answer']} / "
+                                    f"{verdicts.loc[c, 'attribute_answer']} ({'right' if verdicts.loc[c, 'both'] else 'wrong'})",
+                                    scale=self.scale) for c in self.images]
+    self.status.value = (f"<b>{p.kind}</b> probe #{p.index} ({p.theme}): text {html.escape(repr(p.text))}, target "
+                         f"<b>{' / '.join(p.target)}</b> <small>(recomputed in {self.seconds:.1f} s)</small>")
+Composer._show = _show_composition

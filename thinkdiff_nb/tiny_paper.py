@@ -350,12 +350,14 @@ def _complete(root: Path) -> bool:
     return (root / _MARKER).is_file() and all((root / f).is_dir() for f in _FOLDERS)
 
 def _save_aligners(folder: Path, root: Path, seed: int):
-    "Random aligners from the VLM's width to T5's under every aligner method, T5-initialised; `thinkdiff` has a readout too."
+    "Random T5-initialised aligners to T5's width: from the VLM's under every aligner method (`thinkdiff` with a readout), from BLIP-2's vision tower for ThinkDiff-CLIP."
     norm, width = t5_final_norm_weight(str(root / "t5")), Qwen2VLConfig.from_pretrained(root / "vlm").text_config.hidden_size
     for k, name in enumerate(ALIGNER_METHODS):
         _seeded(seed + k, lambda: init_norm_from_t5(Aligner(width, len(norm)), norm)).save_pretrained(folder / name)
     save_readout(_seeded(seed + 9, lambda: torch.eye(len(norm) + 1, len(norm)) + 0.01 * torch.randn(len(norm) + 1, len(norm))),
                  folder / "thinkdiff")
+    vision_width = Blip2Config.from_pretrained(root / "blip2").vision_config.hidden_size
+    _seeded(seed + 10, lambda: init_norm_from_t5(Aligner(vision_width, len(norm)), norm)).save_pretrained(folder / "thinkdiff-clip")
 
 def _build(root: Path, seed: int):
     "Write every folder of the profile under `root`, then the marker."
@@ -401,6 +403,7 @@ def tiny_paper_profile() -> Profile:
     root = built_once("thinkdiff_nb_tiny_paper.", lambda folder: save_tiny_paper(folder / "profile")) / "profile"
     return Profile("tiny-paper", str(root / "t5"), str(root / "flux"), str(root / "judge"), str(root / "vlm"),
                    llava=str(root / "llava"), clip=str(root / "clip"), vision=str(root / "blip2"), video=str(root / "cogvideox"),
+                   clip_aligner=str(root / "aligners" / "thinkdiff-clip"),
                    text_width=32,
                    kind="paper", image_size=None, cobsat_size=32, demo_size=32,  # 32 px: FLUX's tiny VAE halves it to 16
                    describe_instructions=tuple(OFFICIAL_DESCRIBE_INSTRUCTIONS),

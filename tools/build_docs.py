@@ -11,7 +11,8 @@ from smalldocs import cli as smalldocs_cli, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 # the notebooks tools/reproduce.sh executes: a folder with all of them and its metrics.json is a complete run
-REPRODUCED = ["03_train_thinkdiff", "03_train_no-masking", "03_train_input-tokens", "04_rmsnorm_ablation", "05_cobsat", "06_generate"]
+REPRODUCED = ["03_train_thinkdiff", "03_train_no-masking", "03_train_input-tokens", "04_rmsnorm_ablation", "05_cobsat", "06_generate",
+              "10_train_clip", "11_composition"]
 # the KaTeX release smalldocs' pages are written for (layout.KATEX), from the npm registry, checked against its integrity
 KATEX_VERSION = "0.16.11"
 KATEX_TARBALL = f"https://registry.npmjs.org/katex/-/katex-{KATEX_VERSION}.tgz"

@@ -1,0 +1,101 @@
+"ThinkDiff-CLIP's compositions: the 11_composition pipeline on mini and, chained after 10_train_clip, on tiny-paper with video."
+import json, sys
+from pathlib import Path
+import nbformat
+import pandas as pd
+import papermill as pm
+import pytest
+import torch
+from thinkdiff_nb.backbones import get_profile
+from thinkdiff_nb.composition import read_video
+from thinkdiff_nb.composition_scores import COMPOSITION_KINDS, CONDITIONINGS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from official_layout import projector, write_official  # noqa: E402
+
+NBS = Path(__file__).parents[1] / "nbs"
+
+
+@pytest.fixture(autouse=True)
+def inline_figures(monkeypatch):
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as a reader's: figures land in the notebook
+
+
+def _compose(tmp_path, name="run", **params):
+    base = dict(n_probes=10, batch_size=5, grid_probes=1, output_dir=str(tmp_path / name))
+    pm.execute_notebook(str(NBS / "11_composition.ipynb"), str(tmp_path / f"{name}.ipynb"), parameters={**base, **params},
+                        progress_bar=False, kernel_name="python3")
+    return tmp_path / name
+
+
+def _figures(notebook: Path) -> int:
+    cells = nbformat.read(notebook, as_version=4).cells
+    return sum("image/png" in o.get("data", {}) for c in cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_mini_scores_every_kind_under_every_conditioning(tmp_path):
+    run = _compose(tmp_path)
+    table = pd.read_csv(run / "composition_table.csv")
+    assert list(zip(table.kind, table.conditioning)) == [(k, c) for k in COMPOSITION_KINDS for c in CONDITIONINGS]
+    assert (table.probes == 10).all()
+    oracle = table[table.conditioning == "oracle"]
+    assert (oracle.both >= 0.5).all(), oracle  # the target's own prompt draws the target: the judge and decoder work
+    assert table.loc[table.kind == "two-images", "from_text"].isna().all()
+    records = pd.read_csv(run / "records.csv")
+    assert len(records) == 3 * 10 * len(CONDITIONINGS) and records.both.dtype == bool
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["params"]["n_probes"] == 10 and metrics["seed"] == 0 and "diffusers" in metrics["versions"]
+    assert metrics["run"]["clip_aligner"] == "data/mini/aligners/thinkdiff-clip" and metrics["metrics"]["tokens_per_image"] == 17
+    assert metrics["metrics"]["video"] is None  # the mini profile names no video pipeline
+    for f in ("composition_table.md", "composition_scores.png", "composition_grid.png"):
+        assert (run / f).stat().st_size > 0, f
+    assert _figures(tmp_path / "run.ipynb") == 2  # the scores and the grid, inline
+
+
+def test_a_rerun_reuses_the_written_blocks(tmp_path):
+    run = _compose(tmp_path, kinds=["two-images"])
+    first = (run / "records.csv").read_text()
+    block = run / "blocks" / "two-images.block0005.csv"
+    block.unlink()  # as if the run had stopped there
+    _compose(tmp_path, kinds=["two-images"])
+    assert (run / "records.csv").read_text() == first
+
+
+def test_bad_parameters_are_named(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match=r"parameter kinds=\['three-images'\] has \['three-images'\], not among "
+                                                          r".*parameter judge='gemini' is not one of"):
+        _compose(tmp_path, kinds=["three-images"], judge="gemini")
+    with pytest.raises(pm.PapermillExecutionError, match="parameter n_probes must be a positive integer, got 0"):
+        _compose(tmp_path, n_probes=0)
+
+
+def test_an_aligner_of_other_widths_or_none_is_named(tmp_path):
+    tiny = get_profile("tiny-paper")  # its CLIP aligner reads 48-wide BLIP-2 tokens, the mini encoder writes 64
+    with pytest.raises(pm.PapermillExecutionError, match="reads 48-wide tokens but the vision encoder writes 64-wide ones"):
+        _compose(tmp_path, clip_aligner=tiny.clip_aligner)
+    with pytest.raises(pm.PapermillExecutionError, match="no aligner at"):
+        _compose(tmp_path, clip_aligner=str(tmp_path / "absent"))
+
+
+@pytest.mark.slow
+def test_tiny_paper_trains_composes_and_draws_a_video(tmp_path):
+    "10_train_clip on tiny-paper (BLIP-2's tower), its aligner through 11_composition with FLUX, the CLIP judge and CogVideoX."
+    pm.execute_notebook(str(NBS / "10_train_clip.ipynb"), str(tmp_path / "train.ipynb"), progress_bar=False, kernel_name="python3",
+                        parameters=dict(profile="tiny-paper", steps=3, batch_size=4, eval_batches=1, ckpt_every=2, warmup=1,
+                                        max_images=40, keep_tokens=False, output_dir=str(tmp_path / "train")))
+    trained = json.loads((tmp_path / "train" / "metrics.json").read_text())["metrics"]
+    assert trained["vision"]["tokens_per_image"] == 65  # 257 BLIP-2 tokens pooled as in the paper
+    run = _compose(tmp_path, profile="tiny-paper", clip_aligner=str(tmp_path / "train" / "aligner"), judge="clip",
+                   n_probes=2, batch_size=2, steps=2, video_frames=9, video_height=32, video_width=48, video_steps=2)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["run"]["decoder"] == "FluxPipeline" and metrics["run"]["judge"] == "clip"
+    assert metrics["metrics"]["tokens_per_image"] == 65 and len(pd.read_csv(run / "records.csv")) == 3 * 2 * len(CONDITIONINGS)
+    assert read_video(run / "video.mp4").shape == (9, 32, 48, 3)
+    assert {k: metrics["metrics"]["video"][k] for k in ("frames", "height", "width")} == {"frames": 9, "height": 32, "width": 48}
+    assert _figures(tmp_path / "run.ipynb") == 3  # scores, grid, video frames
+    # the released thinkdiff_clip.pth layout, at tiny-paper's widths, in place of the trained folder
+    released = write_official(tmp_path / "thinkdiff_clip.pth", projector(48, 32, seed=3))
+    run = _compose(tmp_path, name="released", profile="tiny-paper", clip_aligner=str(released), kinds=["image+text"],
+                   n_probes=2, batch_size=2, steps=2, video_frames=9, video_height=32, video_width=32, video_steps=2)
+    assert json.loads((run / "metrics.json").read_text())["run"]["clip_aligner"] == str(released)
+    assert read_video(run / "video.mp4").shape == (9, 32, 32, 3)
