@@ -186,19 +186,19 @@ def composition_table(records: pd.DataFrame) -> pd.DataFrame:
 # %% ../nbs/02i_composition_scores.ipynb #21000000
 def composition_grid(probes: list[CompositionProbe], drawn: dict, records: pd.DataFrame,  # `score_block`'s, same probes
                      render_size: int = 32, scale: float = 1.3):
-    "A figure: per probe, its input renders and text, then each conditioning's drawn image marked right or wrong."
-    conditionings = list(drawn)
-    n_in = max(len(p.renders) for p in probes)
-    fig, axes = plt.subplots(len(probes), n_in + len(conditionings), squeeze=False,
-                             figsize=(scale * (n_in + len(conditionings)), scale * 1.25 * len(probes)))
+    "A figure: per probe, what it asks, its input renders, then each conditioning's drawn image marked right or wrong."
+    conditionings, n_in = list(drawn), max(len(p.renders) for p in probes)
+    fig, axes = plt.subplots(len(probes), 1 + n_in + len(conditionings), squeeze=False,
+                             figsize=(scale * (1.6 + n_in + len(conditionings)), scale * 1.3 * len(probes)),
+                             gridspec_kw={"width_ratios": [1.6] + [1] * (n_in + len(conditionings))})
     for i, p in enumerate(probes):
-        images = p.images(render_size)
-        for j in range(n_in):
-            ax = axes[i, j]; ax.axis("off")
-            if j < len(images): ax.imshow(images[j]); ax.set_title(f"input {j + 1}", fontsize=7)
-        axes[i, 0].text(0, -0.35, f'{p.kind}: "{p.text}" -> {" / ".join(p.target)}', transform=axes[i, 0].transAxes, fontsize=7)
+        axes[i, 0].axis("off")
+        axes[i, 0].text(0, 0.5, f"{p.kind}\ntext: {p.text!r}\ntarget:\n{' / '.join(p.target)}", fontsize=7, va="center")
+        for j, image in enumerate(p.images(render_size)):
+            axes[i, 1 + j].imshow(image); axes[i, 1 + j].set_title(f"input {j + 1}", fontsize=7)
+        for ax in axes[i, 1:1 + n_in]: ax.axis("off")
         for j, c in enumerate(conditionings):
-            ax = axes[i, n_in + j]; ax.imshow(drawn[c][i]); ax.set_xticks([]); ax.set_yticks([])
+            ax = axes[i, 1 + n_in + j]; ax.imshow(drawn[c][i]); ax.set_xticks([]); ax.set_yticks([])
             hit = bool(records[(records.conditioning == c) & (records.probe == p.index) & (records.kind == p.kind)]["both"].iloc[0])
             ax.set_title(f"{c}\n{'right' if hit else 'wrong'}", fontsize=7, color="green" if hit else "red")
             for side in ax.spines.values(): side.set_color("green" if hit else "red"); side.set_linewidth(2)
