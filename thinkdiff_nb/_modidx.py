@@ -183,6 +183,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'thinkdiff_nb/composition.py')},
             'thinkdiff_nb.composition_scores': { 'thinkdiff_nb.composition_scores.CompositionProbe': ( 'composition_scores.html#compositionprobe',
                                                                                                        'thinkdiff_nb/composition_scores.py'),
+                                                 'thinkdiff_nb.composition_scores.CompositionProbe.image': ( 'composition_scores.html#compositionprobe.image',
+                                                                                                             'thinkdiff_nb/composition_scores.py'),
                                                  'thinkdiff_nb.composition_scores.CompositionProbe.image_axes': ( 'composition_scores.html#compositionprobe.image_axes',
                                                                                                                   'thinkdiff_nb/composition_scores.py'),
                                                  'thinkdiff_nb.composition_scores.CompositionProbe.images': ( 'composition_scores.html#compositionprobe.images',

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .world import AXES, PHRASES, THEMES, as_theme, display_word, oracle_prompt, render
+from .world import PHRASES, THEMES, display_word, oracle_prompt, render
 from .backbones import process_share
 from .image_decoders import ImageDecoder
 from .clip import vision_tokens
@@ -42,9 +42,13 @@ class CompositionProbe:
     text: str                          # what the text says; "" for two-images
     text_axis: str                     # "subject" or "attribute" (the axis the text names), "" for two-images
     target: tuple[str, str]            # (subject, attribute)
+    def image(self, k: int, size: int = 32) -> np.ndarray:
+        "The k-th input render, uint8 (size, size, 3)."
+        s, a, seed = self.renders[k]
+        return render(self.theme, s, a, size, seed)
     def images(self, size: int = 32) -> list[np.ndarray]:
-        "The input renders, uint8 (size, size, 3) each."
-        return [render(self.theme, s, a, size, seed) for s, a, seed in self.renders]
+        "Every input render, in order."
+        return [self.image(k, size) for k in range(len(self.renders))]
     @property
     def image_axes(self) -> tuple[str, ...]:
         "The axes the images donate."
@@ -83,7 +87,7 @@ def caption_states(decoder: ImageDecoder, probes: list[CompositionProbe], k: int
 @torch.no_grad()
 def aligned_images(vision, aligner, probes: list[CompositionProbe], k: int, size: int = 32, downsample: int = 2) -> torch.Tensor:
     "ThinkDiff-CLIP's aligned tokens (B, n, d_text) of each probe's k-th render."
-    tokens = vision_tokens(vision, [p.images(size)[k] for p in probes], downsample)  # (B, n, d_vision)
+    tokens = vision_tokens(vision, [p.image(k, size) for p in probes], downsample)  # (B, n, d_vision)
     p = next(aligner.parameters())
     return aligner(tokens.to(p.device, p.dtype))
 
