@@ -93,6 +93,18 @@ def test_loss_falls_on_renders_and_the_image_is_read(renders, tiny_t5):
         assert clip_loss(aligner, t5, batch, "none") != clip_loss(aligner, t5, batch)  # the image tokens enter the decoder
 
 
+def test_shares_make_the_global_batch(renders, tiny_t5):
+    "Two processes' shares of a global batch are the one-process batch split in two, each encoding only its own images."
+    _, t5, tok = tiny_t5
+    images = ImageTokens(_clip(), open_image_captions(renders, "train"), keep=False)
+    whole = ClipBatches(images, tok, batch_size=8, share=(0, 1))(torch.Generator().manual_seed(3))
+    halves = [ClipBatches(images, tok, batch_size=8, share=(rank, 2))(torch.Generator().manual_seed(3)) for rank in (0, 1)]
+    assert [len(h[0]) for h in halves] == [4, 4]
+    torch.testing.assert_close(torch.cat([h[0] for h in halves]), whole[0])
+    assert sum(int((h[3] != -100).sum()) for h in halves) == int((whole[3] != -100).sum())
+    assert whole[4] == 1 and sum(h[4] for h in halves) == pytest.approx(2)  # DDP averages the two shares' gradients
+
+
 def test_webdataset_layout(tmp_path, tiny_t5):
     _, t5, tok = tiny_t5
     source = open_image_captions(write_webdataset(tmp_path / "wds", 12, 4, per_tar=5), "train")

@@ -77,6 +77,25 @@ def test_an_aligner_of_other_widths_or_none_is_named(tmp_path):
         _compose(tmp_path, clip_aligner=str(tmp_path / "absent"))
 
 
+def test_two_processes_share_the_blocks_and_agree_with_one(tmp_path):
+    "Blocks shared over two workers (rank 0 and 1 of 2, as two accelerate processes) give one process's records."
+    from concurrent.futures import ThreadPoolExecutor
+    from thinkdiff_nb.aligner import load_aligner
+    from thinkdiff_nb.clip import load_vision
+    from thinkdiff_nb.image_decoders import load_image_decoder
+    from thinkdiff_nb.judges import load_cobsat_judge
+    from thinkdiff_nb.composition_scores import evaluate_compositions
+    mini = get_profile("mini")
+    models = dict(decoder=load_image_decoder(mini), judge=load_cobsat_judge(mini, "mini"), vision=load_vision(mini.vision),
+                  aligner=load_aligner(mini.clip_aligner).eval())
+    run = lambda out, share: evaluate_compositions(out_dir=out, kinds=["two-images+text"], n_probes=4, batch_size=2, share=share,
+                                                   poll_seconds=0.1, **models)
+    one = run(tmp_path / "one", (0, 1))
+    with ThreadPoolExecutor(2) as pool:
+        shared = [f.result() for f in [pool.submit(run, tmp_path / "two", (rank, 2)) for rank in (0, 1)]]
+    for records in shared: pd.testing.assert_frame_equal(records, one)
+
+
 @pytest.mark.slow
 def test_tiny_paper_trains_composes_and_draws_a_video(tmp_path):
     "10_train_clip on tiny-paper (BLIP-2's tower), its aligner through 11_composition with FLUX, the CLIP judge and CogVideoX."

@@ -118,6 +118,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'thinkdiff_nb.clip.ImageTokens.__init__': ('clip.html#imagetokens.__init__', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.ImageTokens.__len__': ('clip.html#imagetokens.__len__', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.ImageTokens._encode': ('clip.html#imagetokens._encode', 'thinkdiff_nb/clip.py'),
+                                   'thinkdiff_nb.clip.ImageTokens.captions': ('clip.html#imagetokens.captions', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.ImageTokens.fill': ('clip.html#imagetokens.fill', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.VisionHeads': ('clip.html#visionheads', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.VisionHeads.__init__': ('clip.html#visionheads.__init__', 'thinkdiff_nb/clip.py'),

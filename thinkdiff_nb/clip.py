@@ -97,6 +97,9 @@ class ImageTokens:
         if self.keep: self._kept.update(fresh)
         found = self._kept if self.keep else fresh
         return torch.stack([found[i][0] for i in idx]), [found[i][1] for i in idx]
+    def captions(self, idx: list[int]) -> list[str]:
+        "Raw captions of samples `idx`, without running the encoder on the ones not kept."
+        return [self._kept[i][1] if i in self._kept else self.source[i]["caption"] for i in idx]
     def fill(self) -> "ImageTokens":
         "Compute and keep every image's tokens now."
         missing = [i for i in range(self.n) if i not in self._kept]
@@ -118,13 +121,14 @@ class ClipBatches:
         "(image tokens (b, L, d), prefix ids (b, P), prefix mask (b, P), labels (b, T), this share's weight in the global token mean)."
         idx = torch.randint(len(self.images), (self.bs,), generator=g).tolist()
         rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))
-        tokens, captions = self.images(idx)  # every process draws the whole global batch alike
-        prefixes, suffixes = zip(*[random_split_string(blip_caption(c), rng) for c in captions])
         mine = share_of(self.bs, self.share)
+        # every process draws the whole global batch alike (its captions weigh the shares) but encodes only its share
+        captions, tokens = self.images.captions(idx), self.images(idx[mine])[0]  # tokens (b, L, d)
+        prefixes, suffixes = zip(*[random_split_string(blip_caption(c), rng) for c in captions])
         prefix, labels = self._tokenise(list(prefixes[mine])), self._tokenise(list(suffixes[mine])).input_ids
         labels[labels == self.tok.pad_token_id] = -100
         weight = int((labels != -100).sum()) * self.share[1] / label_tokens(list(suffixes), self.tok, self.max_len)
-        return tokens[mine], prefix.input_ids, prefix.attention_mask, labels, weight
+        return tokens, prefix.input_ids, prefix.attention_mask, labels, weight
 
 # %% ../nbs/02g_clip.ipynb #5cede7ee
 IMAGE_MODES = ("own", "none", "shuffled")
