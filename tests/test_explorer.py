@@ -111,6 +111,7 @@ def test_explorer_in_jupyterlab(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "jupyterlab_check.py"), str(shot)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    image = np.asarray(Image.open(shot).convert("RGB"))
-    assert image.shape[0] >= 300 and image.shape[1] >= 600, image.shape
-    assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 200  # a page with pictures, not a blank
+    for picture in (shot, shot.with_name("explorer-jupyterlab-composition.png")):  # the CoBSAT prompt tab, then Composition
+        image = np.asarray(Image.open(picture).convert("RGB"))
+        assert image.shape[0] >= 300 and image.shape[1] >= 600, image.shape
+        assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 200  # a page with pictures, not a blank

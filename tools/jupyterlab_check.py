@@ -1,5 +1,6 @@
 """The explorer notebook in JupyterLab, in Debian's chromium: run all cells, change the prompt index in the page, check
-that the explorer redraws, and save a screenshot.
+that the explorer redraws, then do the same with the probe of its Composition tab, and save a screenshot of each
+(the second beside the first, named <stem>-composition.png).
 
     .venv/bin/python tools/jupyterlab_check.py [screenshot.png]   # default outputs/explorer-jupyterlab.png
 
@@ -138,6 +139,7 @@ def check_in_browser(url: str, kernel_ready, profile_dir: Path, shot: Path, time
             explorer.evaluate("e => e.scrollIntoView({block: 'start'})")
             page.mouse.move(0, 0)  # no hover highlight in the picture
             page.screenshot(path=str(shot))
+            seen.update(check_composition_tab(page, shot.with_name(f"{shot.stem}-composition{shot.suffix}"), kernel_ready, timeout_ms))
         except Exception:
             failed = shot.with_name(f"{shot.stem}-failed.png")
             page.screenshot(path=str(failed)); print(f"the page when the check failed: {failed}", file=sys.stderr)
@@ -146,6 +148,32 @@ def check_in_browser(url: str, kernel_ready, profile_dir: Path, shot: Path, time
         finally:
             browser.close()
     seen["total_s"] = time.time() - t0
+    return seen
+
+
+def check_composition_tab(page, shot: Path, kernel_ready, timeout_ms: int) -> dict:
+    "Open the explorer's Composition tab, change the probe in the page, check that its images change; what was seen."
+    page.locator(".lm-TabBar-tab", has_text="Composition").first.click()
+    composer = page.locator(".thinkdiff-composer").first  # the tab's; the notebook's last cell shows none
+    images, status = composer.locator(".composer-images img"), composer.locator(".composer-status")
+    images.first.wait_for(state="visible", timeout=timeout_ms)
+    seen = {"composition_images": images.count()}
+    box = composer.locator(".composer-probe input")
+    before = {"status": status.inner_text(), "pixels": settled(composer.locator(".composer-images"))}
+    new = (int(box.input_value()) + 1) % 1000
+    t_change = time.time()
+    box.fill(str(new)); box.press("Enter")
+    page.wait_for_function("([n]) => [...document.querySelectorAll('.thinkdiff-composer .composer-status')]"
+                           ".some(e => e.innerText.includes(`probe #${n} (`))", arg=[new], timeout=timeout_ms)
+    seen["composition_change_s"] = time.time() - t_change
+    kernel_ready()
+    after = {"status": status.inner_text(), "pixels": settled(composer.locator(".composer-images"))}
+    if after["pixels"] == before["pixels"]: raise AssertionError("the composition images did not change on the page")
+    if images.count() != seen["composition_images"]: raise AssertionError(f"{images.count()} composition images after the change")
+    seen["composition_status"] = after["status"]
+    composer.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.mouse.move(0, 0)
+    page.screenshot(path=str(shot))
     return seen
 
 
