@@ -20,7 +20,8 @@ from .judges import load_cobsat_judge
 from .composition_scores import COMPOSITION_KINDS, CONDITIONINGS, aligned_images, composition_probes, score_block
 
 # %% auto #0
-__all__ = ['torch_threads', 'profile_aligners', 'runnable_methods', 'png', 'tile', 'Explorer', 'has_composition', 'Composer']
+__all__ = ['torch_threads', 'profile_aligners', 'runnable_methods', 'png', 'tile', 'Explorer', 'small_widget', 'drawing_controls',
+           'has_composition', 'Composer']
 
 # %% ../nbs/09_explorer.ipynb #9489ca42
 @contextmanager
@@ -95,15 +96,22 @@ class Explorer:
                                                                      titles=["CoBSAT prompt", "Composition"])
 
 # %% ../nbs/09_explorer.ipynb #f6b71291
+def small_widget(width: str = "150px") -> dict:
+    "Keyword arguments of a compact input widget: its label at natural width, the box `width` wide."
+    return dict(style={"description_width": "initial"}, layout=W.Layout(width=width))
+
+def drawing_controls(sample_steps: int, width: str = "150px") -> dict:
+    "The seed and decoder-steps widgets that every tab draws with."
+    return dict(seed=W.BoundedIntText(0, min=0, max=2 ** 31 - 1, description="seed", **small_widget(width)),
+                steps=W.IntSlider(sample_steps, min=1, max=28, description="decoder steps", continuous_update=False,
+                                  style={"description_width": "initial"}))
+
 def _controls(self: Explorer, sample_steps: int) -> dict:
     "The input widgets by name, each with a CSS class `explorer-<name>` for the page."
-    small = dict(style={"description_width": "initial"}, layout=W.Layout(width="150px"))
-    controls = dict(task=W.Dropdown(options=[t.name for t in TASKS], description="task", **small),
-                    shot=W.Dropdown(options=list(SHOTS), description="shot", **small),
-                    prompt=W.BoundedIntText(0, min=0, max=999, description="prompt", **small),
-                    seed=W.BoundedIntText(0, min=0, max=2 ** 31 - 1, description="seed", **small),
-                    steps=W.IntSlider(sample_steps, min=1, max=28, description="decoder steps", continuous_update=False,
-                                      style={"description_width": "initial"}))
+    controls = dict(task=W.Dropdown(options=[t.name for t in TASKS], description="task", **small_widget()),
+                    shot=W.Dropdown(options=list(SHOTS), description="shot", **small_widget()),
+                    prompt=W.BoundedIntText(0, min=0, max=999, description="prompt", **small_widget()),
+                    **drawing_controls(sample_steps))
     for name, w in controls.items(): w.add_class(f"explorer-{name}")
     return controls
 Explorer._controls = _controls  # the class grows cell by cell without fastcore's @patch, a dev-only dependency
@@ -153,12 +161,9 @@ class Composer:
                  sample_steps: int = 8, n_tokens: int = 24, threads: int = 1, scale: int = 3):  # as `Explorer`'s
         self.decoder, self.vision, self.aligner, self.judge, self.t5, self.t5_tokenizer = decoder, vision, aligner, judge, t5, t5_tokenizer
         self.n_tokens, self.threads, self.scale = n_tokens, threads, scale
-        small = dict(style={"description_width": "initial"}, layout=W.Layout(width="190px"))
-        self.controls = dict(kind=W.Dropdown(options=list(COMPOSITION_KINDS), description="kind", **small),
-                             probe=W.BoundedIntText(0, min=0, max=999, description="probe", **small),
-                             seed=W.BoundedIntText(0, min=0, max=2 ** 31 - 1, description="seed", **small),
-                             steps=W.IntSlider(sample_steps, min=1, max=28, description="decoder steps", continuous_update=False,
-                                               style={"description_width": "initial"}))
+        self.controls = dict(kind=W.Dropdown(options=list(COMPOSITION_KINDS), description="kind", **small_widget("190px")),
+                             probe=W.BoundedIntText(0, min=0, max=999, description="probe", **small_widget("190px")),
+                             **drawing_controls(sample_steps, "190px"))
         for name, w in self.controls.items(): w.add_class(f"composer-{name}")
         self.status, self.input_box, self.image_box = W.HTML(), W.HBox(), W.HBox(layout=W.Layout(flex_flow="row wrap"))
         for w, name in ((self.status, "status"), (self.input_box, "inputs"), (self.image_box, "images")): w.add_class(f"composer-{name}")
