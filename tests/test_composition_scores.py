@@ -53,11 +53,11 @@ def test_mini_scores_every_kind_under_every_conditioning(tmp_path):
 
 
 def test_a_rerun_reuses_the_written_blocks(tmp_path):
-    run = _compose(tmp_path, kinds=["two-images"])
+    run = _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2)
     first = (run / "records.csv").read_text()
-    block = run / "blocks" / "two-images.block0005.csv"
+    block = run / "blocks" / "two-images.block0002.csv"
     block.unlink()  # as if the run had stopped there
-    _compose(tmp_path, kinds=["two-images"])
+    _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2)
     assert (run / "records.csv").read_text() == first
 
 
