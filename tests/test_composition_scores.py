@@ -59,6 +59,8 @@ def test_a_rerun_reuses_the_written_blocks(tmp_path):
     block.unlink()  # as if the run had stopped there
     _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2)
     assert (run / "records.csv").read_text() == first
+    with pytest.raises(pm.PapermillExecutionError, match=r"holds blocks made with other settings, \{'steps': \(0, 3\)\}"):
+        _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2, steps=3)  # not mixed into the blocks drawn at 0
 
 
 def test_bad_parameters_are_named(tmp_path):

@@ -218,6 +218,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                             'thinkdiff_nb/composition_scores.py'),
                                                  'thinkdiff_nb.composition_scores.probe_conditioning': ( 'composition_scores.html#probe_conditioning',
                                                                                                          'thinkdiff_nb/composition_scores.py'),
+                                                 'thinkdiff_nb.composition_scores.same_settings': ( 'composition_scores.html#same_settings',
+                                                                                                    'thinkdiff_nb/composition_scores.py'),
                                                  'thinkdiff_nb.composition_scores.score_block': ( 'composition_scores.html#score_block',
                                                                                                   'thinkdiff_nb/composition_scores.py')},
             'thinkdiff_nb.data': { 'thinkdiff_nb.data.MemorySource': ('data.html#memorysource', 'thinkdiff_nb/data.py'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02i_composition_scores.ipynb #02000000
 from __future__ import annotations
-import random, time
+import json, os, random, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -19,7 +19,7 @@ from .cobsat import judged, write_csv
 
 # %% auto #0
 __all__ = ['COMPOSITION_KINDS', 'CONDITIONINGS', 'axis_text', 'CompositionProbe', 'composition_probes', 'caption_states',
-           'aligned_images', 'probe_conditioning', 'check_clip_aligner', 'score_block', 'block_path',
+           'aligned_images', 'probe_conditioning', 'check_clip_aligner', 'score_block', 'block_path', 'same_settings',
            'evaluate_compositions', 'composition_table', 'composition_grid']
 
 # %% ../nbs/02i_composition_scores.ipynb #05000000
@@ -159,6 +159,21 @@ def block_path(out_dir: Path, kind: str, start: int) -> Path:
     "Where a kind's block of probes starting at `start` is recorded."
     return Path(out_dir) / f"{kind}.block{start:04d}.csv"
 
+def same_settings(out_dir: Path, settings: dict):
+    "Record the settings a folder's blocks are made with, or raise if its blocks were made with others."
+    path = Path(out_dir) / "settings.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), settings.get(k)) for k in {**before, **settings} if before.get(k) != settings.get(k)}
+        if changed: raise ValueError(f"{out_dir} holds blocks made with other settings, {changed} (then, now): "
+                                     "remove it or choose another output folder")
+    elif any(Path(out_dir).glob("*.block*.csv")):
+        raise ValueError(f"{out_dir} holds blocks but no settings.json: remove it or choose another output folder")
+    else:  # every process writes the same content, each through a temporary file of its own
+        handle, tmp = tempfile.mkstemp(prefix=".settings.", dir=out_dir)
+        with os.fdopen(handle, "w") as f: f.write(json.dumps(settings))
+        os.replace(tmp, path)
+
 def evaluate_compositions(decoder: ImageDecoder, judge, out_dir, kinds=COMPOSITION_KINDS, n_probes: int = 200,
                           batch_size: int = 100,  # probes per block: the unit of resumption and of sharing
                           probe_seed: int = 0,    # which probes (`composition_probes`)
@@ -168,6 +183,10 @@ def evaluate_compositions(decoder: ImageDecoder, judge, out_dir, kinds=COMPOSITI
     "Every kind's probes judged under every conditioning, resumable per block, blocks shared over processes; all records."
     out_dir, (rank, processes) = Path(out_dir), share or process_share()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a block's numbers depend on these; the probe count and the kinds only say how many blocks there are
+    same_settings(out_dir, {"batch_size": batch_size, "probe_seed": probe_seed, "seed": seed,
+                            **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
+                               if isinstance(v, (int, float, str, tuple, list))}})
     starts = range(0, n_probes, batch_size)
     for kind in tqdm(kinds, desc="compositions", disable=rank != 0):
         probes = composition_probes(kind, n_probes, probe_seed)
