@@ -5,7 +5,6 @@ import nbformat
 import pandas as pd
 import papermill as pm
 import pytest
-import torch
 from thinkdiff_nb.backbones import get_profile
 from thinkdiff_nb.composition import read_video
 from thinkdiff_nb.composition_scores import COMPOSITION_KINDS, CONDITIONINGS
