@@ -1,7 +1,11 @@
 """Run by test_distributed, alone or under `accelerate launch`: feature extraction into OUT/features, then aligner
-training that is killed at step CRASH_AT (-1: never) and resumed; the main process writes OUT/result.json."""
-import json, sys
+training that is killed at step CRASH_AT (-1: never) and resumed; the main process writes OUT/result.json.
+With PROCESS_GROUP_TIMEOUT (seconds) the process group times out that soon, and SLOW_SAMPLE_SECONDS makes reading the
+last sample (in the main process's last shard) that slow: the other process waits longer than a collective may."""
+import json, os, sys, time
+from datetime import timedelta
 from pathlib import Path
+from accelerate import PartialState
 import torch
 from safetensors.torch import save_file
 from thinkdiff_nb.aligner import Aligner
@@ -25,15 +29,24 @@ def train(cache, t5, t5_tokenizer, vlm_tokenizer, out: Path, crash_at: int):
     return aligner, fit(aligner, dying, 6, out / "checkpoint.pt", ckpt_every=2, warmup=1, log_csv=out / "loss.csv")
 
 
+class SlowLastSample(MemorySource):
+    "A source whose last sample takes SLOW_SAMPLE_SECONDS to read."
+    def __getitem__(self, i: int) -> dict:
+        if i == len(self) - 1: time.sleep(float(os.environ.get("SLOW_SAMPLE_SECONDS", 0)))
+        return super().__getitem__(i)
+
+
 if __name__ == "__main__":
     out, crash_at = Path(sys.argv[1]), int(sys.argv[2])
+    if "PROCESS_GROUP_TIMEOUT" in os.environ:  # before anything joins the group: accelerate's state is shared
+        PartialState(cpu=True, timeout=timedelta(seconds=float(os.environ["PROCESS_GROUP_TIMEOUT"])))
     state = process_state()
     profile = get_profile("tiny-random")  # every process builds the same seeded weights
     (vlm, processor), (t5, t5_tokenizer) = load_vlm(profile), load_t5(profile)
     theme = THEMES["color_object"]
     rows = [{"theme": theme.name, "subject": theme.subjects[i % 10], "attribute": theme.attributes[i // 3 % 10], "caption": "x"}
             for i in range(14)]
-    source = MemorySource([render(theme, r["subject"], r["attribute"], seed=i) for i, r in enumerate(rows)], rows)
+    source = SlowLastSample([render(theme, r["subject"], r["attribute"], seed=i) for i, r in enumerate(rows)], rows)
     cache = extract_features(vlm, processor, source, out / "features", DESCRIBE_INSTRUCTIONS, shard_size=3, batch_size=3, max_new_tokens=5)
     if crash_at >= 0:
         try: train(cache, t5, t5_tokenizer, processor.tokenizer, out, crash_at)

@@ -172,6 +172,19 @@ def test_cobsat_notebook_on_tiny_paper_with_released_images_and_the_llava_judge(
     assert len(drawn) == 10 * 2 * 2 and drawn["reply_subject"].notna().all()  # LLaVA's raw replies are kept
     assert (drawn["clip_similarity"] >= 0).all() and set(drawn["clip_both"]) <= {True, False}
     assert (out / "table_2shot_all_clip_both.csv").exists()
+    # the paper's scale keeps every drawn image: judged again by CLIP alone, from the files, the run's CLIP columns return
+    assert metrics["run"]["keep_images"] and metrics["run"]["vlm_sampling"]["features"]["repetition_penalty"] == 1.0
+    again = tmp_path / "again"
+    pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "again.ipynb"), progress_bar=False, kernel_name="python3",
+                        parameters=dict(profile="tiny-paper", judge="clip", judge_from=str(out), output_dir=str(again)))
+    rejudged = pd.concat(pd.read_csv(p) for p in sorted((again / "records").glob("*.csv")))
+    rejudged = rejudged[rejudged["method"] != "vlm-text"]
+    for column in ("subject", "attribute", "both", "subject_answer", "attribute_answer"):
+        assert rejudged[column].tolist() == drawn[f"clip_{column}"].tolist(), column
+    assert rejudged["clip_similarity"].tolist() == drawn["clip_similarity"].tolist()
+    judged_again = json.loads((again / "metrics.json").read_text())["run"]
+    assert judged_again["judged_from"] == str(out) and judged_again["judges"] == ["clip"]
+    assert (again / "figure5_2shot.png").exists()  # from the kept images and answers
     cobsat_image_path(folder, "action_animal", "dog", "sing").unlink()
     with pytest.raises(pm.PapermillExecutionError, match="action_dog/sing_dog.jpg"):
         pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "missing.ipynb"),

@@ -20,16 +20,16 @@ from .methods import ALIGNER_METHODS
 # %% auto #0
 __all__ = ['DTYPES', 'T5_SPECIALS', 'N_SENTINELS', 'PATCH', 'TEXT_LENGTH', 'QWEN_SPECIALS', 'SYSTEM_PROMPT', 'CHAT_TEMPLATE',
            'DESCRIBE_INSTRUCTIONS', 'OFFICIAL_DESCRIBE_INSTRUCTIONS', 'ICL_INSTRUCTION', 'PROJECT_DIR', 'DATA_DIR',
-           'MINI_DIR', 'KINDS', 'PROFILES', 'BUILT_PROFILES', 'SAFETENSORS_INDEX', 'resolve_device', 'resolve_dtype',
-           'process_state', 'process_share', 'share_of', 'words_of', 'world_texts', 'build_word_tokenizer', 'sentinels',
-           't5_tokenizer', 'load_t5_tokenizer', 'mini_t5_config', 'mini_decoder_config', 'pack_pixels', 'unpack_pixels',
-           'image_ids', 'to_pixels', 'to_uint8', 'encode_text', 'empty_pooled', 'decoder_velocity', 'share_randn',
-           'flow_matching_loss', 'sample_images', 'Judge', 'judge_pairs', 'vlm_words', 'vlm_tokenizer',
-           'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor', 'mini_vlm_config', 'description_messages', 'icl_messages',
-           'centre_crop', 'prepare_image', 'vlm_batch', 'vlm_answers', 'project_path', 'recorded_path', 'Profile',
-           'get_profile', 'as_profile', 'built_once', 'tiny_random_profile', 'require_weights', 'load_decoder',
-           'load_judge', 'checkpoint_file', 'weight_files', 'read_tensor', 'NoEncoder', 't5_decoder_only', 'load_t5',
-           'load_vlm_processor', 'vlm_width', 'load_vlm']
+           'MINI_DIR', 'KINDS', 'PROFILES', 'BUILT_PROFILES', 'SAFETENSORS_INDEX', 'T5_EMBEDDING_NAMES',
+           'resolve_device', 'resolve_dtype', 'process_state', 'process_share', 'share_of', 'words_of', 'world_texts',
+           'build_word_tokenizer', 'sentinels', 't5_tokenizer', 'load_t5_tokenizer', 'mini_t5_config',
+           'mini_decoder_config', 'pack_pixels', 'unpack_pixels', 'image_ids', 'to_pixels', 'to_uint8', 'encode_text',
+           'empty_pooled', 'decoder_velocity', 'share_randn', 'flow_matching_loss', 'sample_images', 'Judge',
+           'judge_pairs', 'vlm_words', 'vlm_tokenizer', 'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor',
+           'mini_vlm_config', 'description_messages', 'icl_messages', 'centre_crop', 'prepare_image', 'vlm_batch',
+           'vlm_answers', 'project_path', 'recorded_path', 'Profile', 'get_profile', 'as_profile', 'built_once',
+           'tiny_random_profile', 'require_weights', 'load_decoder', 'load_judge', 'checkpoint_file', 'weight_files',
+           'read_tensor', 'NoEncoder', 't5_decoder_only', 'load_t5', 'load_vlm_processor', 'vlm_width', 'load_vlm']
 
 # %% ../nbs/01_backbones.ipynb #3b6a030c
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,11 +184,13 @@ def flow_matching_loss(decoder, pixels, prompt_embeds, pooled, generator=None, s
 
 @torch.no_grad()
 def sample_images(decoder, prompt_embeds: torch.Tensor, pooled: torch.Tensor, uncond_embeds: torch.Tensor | None = None,
-                  size: int = 32, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> torch.Tensor:
+                  size: int = 32, steps: int = 20, guidance: float = 4.0,
+                  seed: int | list[int] = 0,  # one generator for the batch's noise, or one per row
+                  ) -> torch.Tensor:
     "Images (B, 3, size, size) in [-1, 1] from T5-space conditioning (B, L, d); `uncond_embeds` (1, L', d) enables CFG."
     b, n = prompt_embeds.shape[0], (size // PATCH) ** 2
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, 3 * PATCH * PATCH, generator=g).to(prompt_embeds.device)
+    def noise(rows, s): return torch.randn(rows, n, 3 * PATCH * PATCH, generator=torch.Generator().manual_seed(s))
+    x = (torch.cat([noise(1, s) for s in seed]) if isinstance(seed, list) else noise(b, seed)).to(prompt_embeds.device)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
     scheduler.set_timesteps(steps, device=prompt_embeds.device)
     for t in scheduler.timesteps:
@@ -267,7 +269,7 @@ OFFICIAL_DESCRIBE_INSTRUCTIONS = [
     "Write a clear prompt to guide a 2D diffusion model in recreating the image."]
 ICL_INSTRUCTION = ("I give you several words and pictures. First, please analyse what the next picture is. "
                    "Then give me a detailed diffusion prompt to describe the next picture. "
-                   "Please only provide me the detailed prompt and start the answer with 'Create an image'.")
+                   "Please only provide me the detailed prompt and start the answer with 'Create an image'.\n\n")
 
 def vlm_words() -> list[str]:
     "Every word the mini VLM reads or writes: the world's caption words, the instructions and the chat scaffolding."
@@ -321,7 +323,7 @@ def icl_messages(texts: list[str], instruction: str = ICL_INSTRUCTION) -> list[d
     "Chat messages of an interleaved prompt from CoBSAT's text pieces (\"x: \"), one picture after each but the last."
     content = [{"type": "text", "text": instruction}]
     for k, text in enumerate(texts):
-        word = f"{chr(10) * 2 if k else ' '}Word {k + 1}: {text[:-2]}, "  # CoBSAT's "x: " minus its last 2 characters
+        word = f"{chr(10) * 2 if k else ''}Word {k + 1}: {text[:-2]}, "  # CoBSAT's "x: " minus its last 2 characters
         content.append({"type": "text", "text": word})
         if k < len(texts) - 1: content.append({"type": "image"})
     return [{"role": "user", "content": content}]
@@ -339,13 +341,16 @@ def prepare_image(image, size: int | None) -> Image.Image:
     return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
 
 def vlm_batch(processor, conversations: list[list[dict]], images: list[list], answers: list[str] | None = None,
-              max_images: int = 8, image_size: int | None = 32, padding_side: str = "left") -> dict:
+              max_images: int = 8, image_size: int | None = 32, padding_side: str = "left",
+              vision_id: bool = True,  # "Picture k: " before each image (the official in-context prompts have it)
+              ) -> dict:
     "Processor inputs for a batch of conversations; with `answers`, appended replies and labels on the reply tokens only."
     for conv, imgs in zip(conversations, images):
         n = sum(c["type"] == "image" for m in conv for c in m["content"] if not isinstance(m["content"], str))
         if n != len(imgs): raise ValueError(f"a conversation has {n} pictures but {len(imgs)} images were given")
         if n > max_images: raise ValueError(f"a prompt has {n} pictures, more than the configured limit of {max_images}")
-    texts = [processor.apply_chat_template(c, add_generation_prompt=True, add_vision_id=True, tokenize=False) for c in conversations]
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True, add_vision_id=vision_id, tokenize=False)
+             for c in conversations]
     if answers is not None: texts = [t + a + "<|im_end|>" for t, a in zip(texts, answers)]
     processor.tokenizer.padding_side = padding_side
     flat = [prepare_image(i, image_size) for imgs in images for i in imgs]
@@ -401,6 +406,8 @@ class Profile:
     video: str | None = None   # CogVideoXPipeline folder or id for ThinkDiff-CLIP's video (CogVideoX-5b); None: the profile draws no video
     clip_aligner: str = ""     # ThinkDiff-CLIP aligner: save_pretrained folder or official thinkdiff_clip.pth; empty: none shipped
     describe_instructions: tuple = tuple(DESCRIBE_INSTRUCTIONS)  # one drawn per training image at feature extraction
+    describe_vision_id: bool = False  # "Picture 1: " before the image of a description prompt: the official extraction
+                                      # has none; the mini VLM was trained with the label on every picture
     text_width: int = 128  # T5 d_model = the decoder's joint_attention_dim
     kind: str = "mini"     # mini: word-level tokenizers, pixel-space decoder; paper: hub layouts, FluxPipeline
     image_size: int | None = 32  # side of the VLM's square input images; None: the VLM's processor decides
@@ -414,7 +421,7 @@ class Profile:
 PROFILES = {
     "mini": Profile("mini", str(MINI_DIR / "t5"), str(MINI_DIR / "decoder"), str(MINI_DIR / "judge"), str(MINI_DIR / "vlm"),
                     vision=str(MINI_DIR / "vision"), clip_aligner=str(MINI_DIR / "aligners" / "thinkdiff-clip"),
-                    aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_METHODS}),
+                    aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_METHODS}, describe_vision_id=True),
     "paper": Profile("paper", "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", vlm="Qwen/Qwen2-VL-7B-Instruct",
                      llava="llava-hf/llava-1.5-13b-hf", clip="openai/clip-vit-base-patch32",
                      vision="Salesforce/blip2-flan-t5-xxl", video="THUDM/CogVideoX-5b",
@@ -464,7 +471,8 @@ def built_once(prefix: str, build) -> Path:
 def tiny_random_profile() -> Profile:
     "A profile of tiny random-weight models of the mini classes, written once to a temporary folder."
     root = built_once("thinkdiff_nb_tiny_random.", _save_tiny_random)
-    return Profile("tiny-random", str(root / "t5"), str(root / "decoder"), str(root / "judge"), str(root / "vlm"), text_width=32)
+    return Profile("tiny-random", str(root / "t5"), str(root / "decoder"), str(root / "judge"), str(root / "vlm"), text_width=32,
+                   describe_vision_id=True)
 
 # %% ../nbs/01_backbones.ipynb #433f9073
 def require_weights(path_or_id: str, what: str, profile: Profile):
@@ -528,6 +536,8 @@ class NoEncoder(nn.Module):
     def forward(self, *args, **kwargs):
         raise RuntimeError("this T5 was loaded without its encoder: pass encoder_outputs, or load it with encoder=True")
 
+T5_EMBEDDING_NAMES = ("shared.weight", "decoder.embed_tokens.weight", "encoder.embed_tokens.weight")  # one tied table
+
 def t5_decoder_only(path_or_id: str, device="cpu", dtype=torch.float32) -> T5ForConditionalGeneration:
     "A T5ForConditionalGeneration with only its decoder, shared embedding and lm_head read, tensor by tensor, onto `device`."
     from accelerate import init_empty_weights
@@ -535,7 +545,11 @@ def t5_decoder_only(path_or_id: str, device="cpu", dtype=torch.float32) -> T5For
     with init_empty_weights(): t5 = T5ForConditionalGeneration(T5Config.from_pretrained(path_or_id))
     t5.encoder = NoEncoder()
     files = weight_files(path_or_id)
-    for name in [k for k in t5.state_dict() if k in files]:  # decoder.*, shared.weight, and lm_head.weight if untied
+    # the tied table may be stored under any of its names (older conversions keep only the encoder's or decoder's)
+    table = next((k for k in T5_EMBEDDING_NAMES if k in files), None)
+    if table is None: raise ValueError(f"{path_or_id} stores no embedding table under any of {list(T5_EMBEDDING_NAMES)}")
+    set_module_tensor_to_device(t5, "shared.weight", device, value=read_tensor(files[table], table, dtype, device), dtype=dtype)
+    for name in [k for k in t5.state_dict() if k in files and k not in T5_EMBEDDING_NAMES]:  # decoder.*, lm_head if untied
         set_module_tensor_to_device(t5, name, device, value=read_tensor(files[name], name, dtype, device), dtype=dtype)
     t5.decoder.embed_tokens.weight = t5.shared.weight  # the decoder embeds with the shared table, as from_pretrained ties it
     if "lm_head.weight" not in files: t5.lm_head.weight = t5.shared.weight  # a tied checkpoint stores the table once

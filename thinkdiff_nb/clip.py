@@ -8,22 +8,23 @@ import json, math, os, random, re, shutil
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, transformers
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoConfig, Blip2VisionModel, CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .world import AXES, THEMES, atomic_dir
-from .backbones import prepare_image, process_share, process_state, share_of, to_pixels, weight_files
+from .backbones import process_share, process_state, share_of, to_pixels, weight_files
 from .aligner import Aligner, t5_aligner
 from .loop import fit
 from .pretrain import augment
-from .train import label_tokens, teacher_forced_metrics
+from .train import label_tokens, t5_decoder_loss, teacher_forced_metrics
 
 # %% auto #0
-__all__ = ['IMAGE_MODES', 'CLIP_ALIGNER_BAR', 'VISION_BAR', 'VISION_CLASSES', 'clip_normalise', 'vision_pixels', 'vision_states',
-           'pool_vision_tokens', 'vision_tokens', 'blip_caption', 'random_split_string', 'ImageTokens', 'ClipBatches',
-           'clip_states', 'clip_loss', 'clip_loss_fn', 'clip_metrics', 'train_clip_aligner', 'clip_aligner_gain',
-           'ship_folder', 'mini_vision_config', 'axis_labels', 'VisionHeads', 'vision_heads_loss_fn',
-           'vision_heads_metrics', 'train_mini_vision', 'load_vision']
+__all__ = ['IMAGE_MODES', 'CLIP_ALIGNER_BAR', 'VISION_BAR', 'VISION_CLASSES', 'clip_normalise', 'squash_image', 'vision_pixels',
+           'vision_states', 'pool_vision_tokens', 'vision_tokens', 'blip_caption', 'random_split_string', 'ImageTokens',
+           'ClipBatches', 'clip_states', 'clip_loss', 'clip_loss_fn', 'clip_metrics', 'train_clip_aligner',
+           'clip_aligner_gain', 'ship_folder', 'mini_vision_config', 'axis_labels', 'VisionHeads',
+           'vision_heads_loss_fn', 'vision_heads_metrics', 'train_mini_vision', 'load_vision']
 
 # %% ../nbs/02g_clip.ipynb #fdeb9e8c
 def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -31,9 +32,14 @@ def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return ((pixels + 1) / 2 - mean.to(pixels)) / std.to(pixels)
 
+def squash_image(image, size: int) -> Image.Image:
+    "An RGB PIL image of `image` (uint8 array or PIL) resized whole to `size` x `size` (bicubic), as BLIP's processor does."
+    img = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
+    return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
+
 def vision_pixels(images, size: int) -> torch.Tensor:
-    "RGB images (uint8 arrays or PIL, any sizes) -> (B, 3, size, size): central square, resized, CLIP-normalised."
-    return clip_normalise(to_pixels(np.stack([np.asarray(prepare_image(i, size)) for i in images])))
+    "RGB images (uint8 arrays or PIL, any sizes) -> (B, 3, size, size): squashed to the square side, CLIP-normalised."
+    return clip_normalise(to_pixels(np.stack([np.asarray(squash_image(i, size)) for i in images])))
 
 def vision_states(vision_model, pixel_values: torch.Tensor) -> torch.Tensor:
     "The encoder's last hidden state after its post-layernorm (B, 1 + N, d), for CLIPVisionModel and Blip2VisionModel alike."
@@ -98,8 +104,8 @@ class ImageTokens:
         found = self._kept if self.keep else fresh
         return torch.stack([found[i][0] for i in idx]), [found[i][1] for i in idx]
     def captions(self, idx: list[int]) -> list[str]:
-        "Raw captions of samples `idx`, without running the encoder on the ones not kept."
-        return [self._kept[i][1] if i in self._kept else self.source[i]["caption"] for i in idx]
+        "Raw captions of samples `idx`, reading neither the encoder nor the images of the ones not kept."
+        return [self._kept[i][1] if i in self._kept else self.source.row(i)["caption"] for i in idx]
     def fill(self) -> "ImageTokens":
         "Compute and keep every image's tokens now."
         missing = [i for i in range(self.n) if i not in self._kept]
@@ -148,7 +154,7 @@ def clip_states(aligner, t5, batch, image: str = "own") -> tuple[torch.Tensor, t
 def clip_loss(aligner, t5, batch, image: str = "own") -> torch.Tensor:
     "The frozen T5 decoder's loss on the suffix, weighted as this process's share of the global batch."
     states, mask = clip_states(aligner, t5, batch, image)
-    return t5(encoder_outputs=(states,), attention_mask=mask, labels=batch[3].to(states.device)).loss * batch[4]
+    return t5_decoder_loss(t5, states, mask, batch[3].to(states.device)) * batch[4]  # cross-entropy in float32
 
 def clip_loss_fn(t5, batches: ClipBatches):
     "A `fit` loss over random batches."
@@ -169,12 +175,17 @@ def train_clip_aligner(train: ImageTokens, val: ImageTokens, t5, t5_tokenizer, t
                        batch_size: int = 32,  # the global batch, split evenly over accelerate's processes
                        lr: float = 1e-3, min_lr: float = 0.0, warmup: int = 100, weight_decay: float = 0.05,
                        max_txt_len: int = 32, ckpt_every: int = 250, eval_batches: int = 10, seed: int = 0,
+                       grad_clip: float = 0.0,   # max gradient norm; 0: off, as the official run
+                       t5_dropout: bool = True,  # the frozen T5 (prefix encoder and decoder) in train mode, as the official runner
                        ) -> tuple[Aligner, list[float], dict]:
     "Train a ThinkDiff-CLIP aligner; returns it, its per-step losses and held-out metrics per image mode."
     out_dir, aligner = Path(out_dir), t5_aligner(train.width, t5, t5_source, norm, seed)
-    run = fit(aligner, clip_loss_fn(t5, ClipBatches(train, t5_tokenizer, batch_size, max_txt_len)), steps,
-              out_dir / "checkpoint.pt", lr=lr, warmup=warmup, weight_decay=weight_decay, ckpt_every=ckpt_every, seed=seed,
-              desc="ThinkDiff-CLIP aligner", log_csv=out_dir / "loss.csv", min_lr=min_lr)
+    t5.train(t5_dropout)
+    try: run = fit(aligner, clip_loss_fn(t5, ClipBatches(train, t5_tokenizer, batch_size, max_txt_len)), steps,
+                   out_dir / "checkpoint.pt", lr=lr, warmup=warmup, weight_decay=weight_decay, ckpt_every=ckpt_every,
+                   seed=seed, clip=grad_clip or None, desc="ThinkDiff-CLIP aligner", log_csv=out_dir / "loss.csv",
+                   min_lr=min_lr)
+    finally: t5.eval()
     aligner.save_pretrained(out_dir / "aligner", is_main_process=process_state().is_main_process)
     held_out = ClipBatches(val, t5_tokenizer, batch_size, max_txt_len, share=(0, 1))
     return aligner, run.losses, {m: clip_metrics(aligner, t5, held_out, eval_batches, seed=seed + 1, image=m) for m in IMAGE_MODES}

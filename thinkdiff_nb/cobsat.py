@@ -4,7 +4,7 @@
 
 # %% ../nbs/02e_cobsat.ipynb #bba00f79
 from __future__ import annotations
-import os, random, time
+import json, os, random, time
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -13,14 +13,14 @@ from tqdm.auto import tqdm
 from .world import TASKS, THEMES, as_theme, atomic_dir, parse_pair, render, task_prompts
 from .backbones import process_share
 from .judges import CobsatJudge
-from .methods import METHODS
-from .inference import ThinkDiff, conditioning, rendered_demonstrations, respond
+from .methods import METHODS, aligners_needed
+from .inference import ThinkDiff, conditioning, draw, rendered_demonstrations, respond
 from .world import is_heldout_pair
 
 # %% auto #0
-__all__ = ['COBSAT_IMAGES', 'TASK_NAMES', 'PUBLISHED', 'PUBLISHED_MEANS', 'cobsat_image_path', 'CobsatImages',
-           'write_cobsat_folder', 'score', 'judged', 'evaluate_block', 'write_csv', 'evaluate', 'accuracy_table',
-           'published_table']
+__all__ = ['COBSAT_IMAGES', 'TEXT_COLUMNS', 'TASK_NAMES', 'PUBLISHED', 'PUBLISHED_MEANS', 'cobsat_image_path', 'CobsatImages',
+           'write_cobsat_folder', 'score', 'judged', 'evaluate_block', 'write_csv', 'kept_image_path', 'keep_block',
+           'read_kept_image', 'kept_answer', 'run_blocks', 'evaluate', 'rejudge', 'accuracy_table', 'published_table']
 
 # %% ../nbs/02e_cobsat.ipynb #c0b5a703
 COBSAT_IMAGES = "datasets"  # the folder the released archive unpacks to
@@ -89,13 +89,13 @@ def evaluate_block(td: ThinkDiff, judges: dict[str, CobsatJudge], task, shot: in
     "Per-prompt records of every method on a block of a task's prompts (the first at index `start`), and its images and answers."
     size = size or td.profile.cobsat_size
     base = seed * 1000 + task.id * 10 + shot + start  # a block's seeds depend on its place alone, not on who computes it
-    responses = respond(td, prompts, n_tokens, seed=base, demonstrations=demonstrations)
+    responses = respond(td, prompts, n_tokens, seed=base, demonstrations=demonstrations, features=bool(aligners_needed(methods)))
     text = [parse_pair(r["answer"], task.theme) for r in responses]
     answers = pd.DataFrame(text, columns=["subject_answer", "attribute_answer"])
     frames, examples = [pd.concat([score(text, prompts), answers], axis=1).assign(method="vlm-text")], {"responses": responses}
     for method in methods:
         embeds, pooled = conditioning(td, method, prompts, responses)
-        examples[method] = td.decoder.draw(embeds, pooled, steps, guidance, seed=base, size=size)  # (B, size, size, 3) uint8
+        examples[method] = draw(td.decoder, embeds, pooled, steps, guidance, seed=base, size=size)  # (B, size, size, 3) uint8
         frames.append(judged(judges, examples[method], task.theme, prompts).assign(method=method))
     heldout = [is_heldout_pair(task.theme, *p.target) for p in prompts]
     records = pd.concat(frames, ignore_index=True)
@@ -106,6 +106,39 @@ def write_csv(frame: pd.DataFrame, path: Path):
     "`frame` written to `path` as CSV through a temporary file and one rename."
     tmp = path.with_name(f".{path.name}.tmp"); frame.to_csv(tmp, index=False); os.replace(tmp, path)
 
+
+# %% ../nbs/02e_cobsat.ipynb #142ced0c
+def kept_image_path(out_dir: Path, unit: str, method: str, prompt: int) -> Path:
+    "Where a run that keeps its images stores one: `{out_dir}/images/{unit}/{method}/{prompt:04d}.png` (lossless)."
+    return Path(out_dir) / "images" / unit / method / f"{prompt:04d}.png"
+
+def keep_block(out_dir: Path, unit: str, start: int, examples: dict):
+    "A block's drawn images (PNG, one per method and prompt) and the VLM's raw answers (JSON lines), each file atomic."
+    for method, images in examples.items():
+        if method == "responses": continue
+        for j, image in enumerate(images):
+            path = kept_image_path(out_dir, unit, method, start + j); path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp"); Image.fromarray(image).save(tmp, format="PNG"); os.replace(tmp, path)
+    answers = [{"prompt": start + j, "answer": r["answer"], "answer_ids": r["answer_ids"].tolist(),
+                **({"text": r["text"], "generated_ids": r["generated_ids"].tolist()} if "text" in r else {})}
+               for j, r in enumerate(examples["responses"])]  # text, generated_ids: the n_tokens the aligners read
+    path = Path(out_dir) / "answers" / f"{unit}.block{start:04d}.jsonl"; path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text("".join(json.dumps(a) + "\n" for a in answers)); os.replace(tmp, path)
+
+def read_kept_image(path: Path) -> np.ndarray:
+    "A kept image as uint8 (H, W, 3), or an error saying the run kept none."
+    if not path.exists(): raise FileNotFoundError(f"no kept image {path}: re-judging needs a run made with keep_images")
+    return np.asarray(Image.open(path).convert("RGB"))
+
+def kept_answer(out_dir: Path, unit: str, prompt: int) -> dict:
+    "The VLM's kept answers to one prompt (`keep_block`'s JSON line)."
+    for path in sorted((Path(out_dir) / "answers").glob(f"{unit}.block*.jsonl")):
+        for line in path.read_text().splitlines():
+            if (answer := json.loads(line))["prompt"] == prompt: return answer
+    raise FileNotFoundError(f"no kept answer to prompt {prompt} of {unit} in {out_dir}: was the run made with keep_images?")
+
+
+# %% ../nbs/02e_cobsat.ipynb #1f9a6cd1
 def _merge_blocks(out_dir: Path, unit: str, starts) -> bool:
     "Join a (shot, task)'s block CSVs into `{unit}.csv`, in method then prompt order, once every block is there."
     blocks = [out_dir / f"{unit}.block{k:04d}.csv" for k in starts]
@@ -117,23 +150,66 @@ def _merge_blocks(out_dir: Path, unit: str, starts) -> bool:
     for p in blocks: p.unlink()
     return True
 
-def evaluate(td: ThinkDiff, judges: dict[str, CobsatJudge], out_dir: Path, shots=(2, 4), n_prompts: int = 1000, methods=METHODS,
-             tasks=TASKS, batch_size: int = 100, share: tuple[int, int] | None = None,  # (rank, processes); None: accelerate's
-             poll_seconds: float = 10.0, **kwargs) -> pd.DataFrame:
-    "All tasks and shots, resumable per block of `batch_size` prompts, blocks shared over processes; every process returns all records."
+def run_blocks(out_dir: Path, units: dict,  # unit name (shot{S}_task{TT}) -> (shot, task)
+               starts: range,  # each unit's block starts
+               make_block,     # (unit, shot, task, start) -> the block's records
+               share: tuple[int, int] | None = None,  # (rank, processes); None: accelerate's
+               poll_seconds: float = 10.0, desc: str = "CoBSAT") -> pd.DataFrame:
+    "Every unit's blocks made once each (resumable, shared over processes), merged by the main process; all records."
     out_dir, (rank, processes) = Path(out_dir), share or process_share()
     out_dir.mkdir(parents=True, exist_ok=True)
-    units = {f"shot{shot}_task{task.id:02d}": (shot, task) for shot in shots for task in tasks}
-    starts = range(0, n_prompts, batch_size)
-    for unit, (shot, task) in tqdm(units.items(), desc="CoBSAT", disable=rank != 0):
+    for unit, (shot, task) in tqdm(units.items(), desc=desc, disable=rank != 0):
         if (out_dir / f"{unit}.csv").exists(): continue
-        prompts = task_prompts(task, shot, n_prompts)
         for k in tqdm(starts[rank::processes], desc=f"{task.name} {shot}-shot", leave=False, disable=rank != 0):
             path = out_dir / f"{unit}.block{k:04d}.csv"
-            if not path.exists(): write_csv(evaluate_block(td, judges, task, shot, k, prompts[k:k + batch_size], methods, **kwargs)[0], path)
+            if not path.exists(): write_csv(make_block(unit, shot, task, k), path)
     while not all((out_dir / f"{unit}.csv").exists() or (rank == 0 and _merge_blocks(out_dir, unit, starts)) for unit in units):
         time.sleep(poll_seconds)  # another process is still on its blocks
     return pd.concat([pd.read_csv(out_dir / f"{unit}.csv") for unit in units], ignore_index=True)
+
+def evaluate(td: ThinkDiff, judges: dict[str, CobsatJudge], out_dir: Path, shots=(2, 4), n_prompts: int = 1000, methods=METHODS,
+             tasks=TASKS, batch_size: int = 100, share: tuple[int, int] | None = None,  # (rank, processes); None: accelerate's
+             poll_seconds: float = 10.0,
+             keep_images: bool = False,  # also keep every drawn image and the VLM's raw answers (`keep_block`), to re-judge
+             **kwargs) -> pd.DataFrame:
+    "All tasks and shots, resumable per block of `batch_size` prompts, blocks shared over processes; every process returns all records."
+    def make_block(unit, shot, task, k):
+        prompts = task_prompts(task, shot, n_prompts)[k:k + batch_size]
+        records, examples = evaluate_block(td, judges, task, shot, k, prompts, methods, **kwargs)
+        if keep_images: keep_block(out_dir, unit, k, examples)  # before the block's CSV, which marks it done
+        return records
+    units = {f"shot{shot}_task{task.id:02d}": (shot, task) for shot in shots for task in tasks}
+    return run_blocks(out_dir, units, range(0, n_prompts, batch_size), make_block, share, poll_seconds)
+
+
+# %% ../nbs/02e_cobsat.ipynb #405525a0
+TEXT_COLUMNS = ["subject", "attribute", "both", "subject_answer", "attribute_answer", "method"]  # a vlm-text row
+
+def rejudge(source_dir: Path,  # the records folder of a finished run made with keep_images
+            judges: dict[str, CobsatJudge], out_dir: Path,
+            batch_size: int = 100,  # the run's block size, so each judge call sees the images it saw then
+            share: tuple[int, int] | None = None, poll_seconds: float = 10.0) -> pd.DataFrame:
+    "A kept run's records judged again from its files by `judges`, written as a run's records to `out_dir`."
+    source_dir = Path(source_dir)
+    names = sorted(p.stem for p in source_dir.glob("shot*_task*.csv") if ".block" not in p.name)
+    if not names: raise FileNotFoundError(f"no finished records in {source_dir}: give the records folder of a finished run")
+    old = {unit: pd.read_csv(source_dir / f"{unit}.csv") for unit in names}
+    units = {unit: (int(r["shot"][0]), TASKS[int(r["task_id"][0]) - 1]) for unit, r in old.items()}
+    counts = {int(r["prompt"].max()) + 1 for r in old.values()}
+    if len(counts) != 1: raise ValueError(f"the units of {source_dir} hold different prompt counts {sorted(counts)}")
+    n_prompts = counts.pop()
+    def make_block(unit, shot, task, k):
+        records, prompts = old[unit], task_prompts(task, shot, n_prompts)[k:k + batch_size]
+        block = list(range(k, k + len(prompts)))
+        frames = [records[(records["method"] == "vlm-text") & records["prompt"].isin(block)][TEXT_COLUMNS].reset_index(drop=True)]
+        for method in dict.fromkeys(records["method"]):
+            if method == "vlm-text": continue
+            images = np.stack([read_kept_image(kept_image_path(source_dir, unit, method, p)) for p in block])
+            frames.append(judged(judges, images, task.theme, prompts).assign(method=method))
+        heldout = [is_heldout_pair(task.theme, *p.target) for p in prompts]
+        return pd.concat(frames, ignore_index=True).assign(task=task.name, task_id=task.id, shot=shot,
+                                                           prompt=block * len(frames), heldout=heldout * len(frames))
+    return run_blocks(out_dir, units, range(0, n_prompts, batch_size), make_block, share, poll_seconds, "re-judging")
 
 # %% ../nbs/02e_cobsat.ipynb #db7a4ff3
 TASK_NAMES = [t.name for t in TASKS]

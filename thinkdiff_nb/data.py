@@ -25,6 +25,9 @@ class MemorySource:
         if len(images) != len(rows): raise ValueError(f"{len(images)} images for {len(rows)} rows")
         self.images, self.rows = images, rows
     def __len__(self): return len(self.rows)
+    def row(self, i: int) -> dict:
+        "Row i's fields, without its image."
+        return dict(self.rows[i])
     def __getitem__(self, i: int) -> dict: return {**self.rows[i], "pixels": np.asarray(self.images[i])}
 
 # %% ../nbs/01f_data.ipynb #fb51f097

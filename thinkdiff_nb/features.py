@@ -11,21 +11,56 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 from .backbones import description_messages, process_state, vlm_batch
 
 # %% auto #0
-__all__ = ['CAPTURES', 'MANIFEST', 'ENTRY', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256',
-           'atomic_write_text', 'write_shard', 'memmap_safetensors', 'FeatureCache', 'cache_complete', 'weights_digest',
+__all__ = ['SAMPLING_FIELDS', 'CAPTURES', 'MANIFEST', 'ENTRY', 'end_token_ids', 'vlm_generation_config', 'applied_generation',
+           'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'atomic_write_text', 'write_shard',
+           'memmap_safetensors', 'verify_shard', 'FeatureCache', 'cache_complete', 'weights_digest', 'wait_for',
            'extract_features']
 
-# %% ../nbs/02b_features.ipynb #db7fc507
-def answer_lengths(new_tokens: torch.Tensor, eos_id: int) -> list[int]:
-    "Tokens per answer up to and including the first EOS (all of them when there is none)."
-    lengths = []
-    for row in new_tokens.tolist():
-        lengths.append(row.index(eos_id) + 1 if eos_id in row else len(row))
-    return lengths
+# %% ../nbs/02b_features.ipynb #7a951cb2
+def end_token_ids(model, tokenizer) -> list[int]:
+    "Every id that ends an answer: the tokenizer's EOS and the model's `generation_config` ones (Qwen2-VL: im_end, endoftext)."
+    ids = model.generation_config.eos_token_id
+    return sorted({tokenizer.eos_token_id, *([ids] if isinstance(ids, int) else ids or [])})
 
+def vlm_generation_config(end_ids: list[int], pad_id: int, max_new_tokens: int,
+                          sample: bool = True,      # the official runs sample; False: greedy (checks and demos)
+                          temperature: float = 0.6, top_p: float = 0.9,
+                          min_new_tokens: int = 1,  # vLLM's min_tokens: end tokens are masked until this many
+                          ignore_eos: bool = False, # exactly max_new_tokens, end tokens masked for all of them
+                          ) -> GenerationConfig:
+    "vLLM's SamplingParams of the official run as a complete GenerationConfig, so no hub default reaches `generate`."
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else min_new_tokens,
+        do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p if sample else 1.0,
+        top_k=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,  # vLLM's defaults: no other truncation
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,  # Qwen2-VL's hub file says 1.05
+        num_beams=1, eos_token_id=end_ids, pad_token_id=pad_id)
+
+SAMPLING_FIELDS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
+                   "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                   "num_beams", "eos_token_id", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                   "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
+                   "guidance_scale", "watermarking_config")
+
+def applied_generation(model, config: GenerationConfig) -> dict:
+    "The sampling settings `generate` applies after merging the model's `generation_config`; an error if it adds any."
+    applied = model._prepare_generation_config(config)[0]  # transformers' own merge, the one `generate` runs
+    settings = {f: getattr(applied, f, None) for f in SAMPLING_FIELDS}
+    added = {f: v for f, v in settings.items() if v != getattr(config, f, None)}
+    if added: raise ValueError(f"the model's generation_config adds sampling settings {added} that the official run "
+                               "does not use; remove them from its generation_config.json")
+    return settings
+
+def answer_lengths(new_tokens: torch.Tensor, end_ids: list[int]) -> list[int]:
+    "Tokens per answer up to and including the first end token (all of them when there is none)."
+    return [next((k + 1 for k, t in enumerate(row) if t in end_ids), len(row)) for row in new_tokens.tolist()]
+
+
+# %% ../nbs/02b_features.ipynb #db7fc507
 CAPTURES = ("hook", "hidden_states", None)
 
 def final_norm(model) -> torch.nn.Module:
@@ -34,23 +69,29 @@ def final_norm(model) -> torch.nn.Module:
 
 @torch.no_grad()
 def generate_with_features(model, processor, conversations, images, max_new_tokens: int = 24, sample: bool = True,
-                           temperature: float = 0.6, top_p: float = 0.9, ignore_eos: bool = False, image_size=32,
-                           capture: str | None = "hook") -> list[dict]:
+                           temperature: float = 0.6, top_p: float = 0.9,
+                           min_new_tokens: int = 1,   # end tokens masked until this many (vLLM's min_tokens)
+                           ignore_eos: bool = False,  # exactly max_new_tokens, end tokens masked throughout (official inference)
+                           image_size=32, capture: str | None = "hook",
+                           vision_id: bool = True,    # "Picture k: " before each image (see `vlm_batch`)
+                           ) -> list[dict]:
     "Answers with their final-norm states: per sample prompt states (P, d), generated states (N, d), ids and text."
     if capture not in CAPTURES: raise ValueError(f"unknown capture {capture!r}; choose one of {CAPTURES}")
-    batch = vlm_batch(processor, conversations, images, max_images=model.config.max_images, image_size=image_size).to(model.device)
-    eos, states = processor.tokenizer.eos_token_id, []  # states: (B, P, d) from the prefill, then (B, 1, d) per step
+    batch = vlm_batch(processor, conversations, images, max_images=model.config.max_images, image_size=image_size,
+                      vision_id=vision_id).to(model.device)
+    ends = end_token_ids(model, processor.tokenizer)
+    config = vlm_generation_config(ends, processor.tokenizer.pad_token_id, max_new_tokens, sample, temperature, top_p,
+                                   min_new_tokens, ignore_eos)
+    applied_generation(model, config)  # an error if the model's own generation_config would add to it
+    config.output_hidden_states, config.return_dict_in_generate = capture == "hidden_states", True
+    states = []  # (B, P, d) from the prefill, then (B, 1, d) per step
     hook = final_norm(model).register_forward_hook(lambda module, args, output: states.append(output)) if capture == "hook" else None
-    try:
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-                             top_p=top_p if sample else None, top_k=None, output_hidden_states=capture == "hidden_states",
-                             return_dict_in_generate=True, min_new_tokens=max_new_tokens if ignore_eos else None,
-                             pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=None if ignore_eos else eos)
+    try: out = model.generate(**batch, generation_config=config)
     finally:
         if hook: hook.remove()
     if capture == "hidden_states": states = [h[-1] for h in out.hidden_states]  # the last layer entry is the final norm
     new_tokens = out.sequences[:, batch["input_ids"].shape[1]:]
-    lengths = [new_tokens.shape[1]] * len(new_tokens) if ignore_eos else answer_lengths(new_tokens, eos)
+    lengths = answer_lengths(new_tokens, ends)  # with ignore_eos every answer is max_new_tokens long: ends are masked
     if capture: generated_states = torch.cat([states[0][:, -1:]] + states[1:], 1)  # (B, N, d): row k predicts token k
     samples = []
     for b, n in enumerate(lengths):
@@ -103,6 +144,27 @@ def memmap_safetensors(path: Path) -> tuple[dict, dict]:
         if h["dtype"] == "BF16": tensors[name] = tensors[name].view(torch.bfloat16)
     return tensors, metadata
 
+def verify_shard(path: Path, expected: str,  # the SHA-256 its manifest entry records
+                 poll_seconds: float = 0.2, stale_seconds: float = 3600.0) -> None:
+    "Check a shard's SHA-256 once for every process and run: one claims and hashes it, then stamps its size and mtime."
+    stamp, claim = path.with_name(f".{path.name}.verified"), path.with_name(f".{path.name}.verifying")
+    while True:
+        stat = path.stat()
+        key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}
+        if stamp.exists() and json.loads(stamp.read_text()) == key: return  # hashed before, file unchanged since
+        try: os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # this process hashes it
+        except FileExistsError:  # another process is hashing it: wait for its stamp (or take over from a dead one)
+            try:
+                if time.time() - claim.stat().st_mtime > stale_seconds: claim.unlink(missing_ok=True)
+            except FileNotFoundError: pass
+            time.sleep(poll_seconds); continue
+        try:
+            if sha256(path) != expected:
+                raise ValueError(f"shard {path} is corrupt (SHA-256 mismatch); delete it and rerun extraction to rebuild it")
+            atomic_write_text(stamp, json.dumps(key))
+        finally: claim.unlink(missing_ok=True)
+        return
+
 class FeatureCache:
     "Reads a shard folder through memory-mapped safetensors; checks width and checksums and names what is wrong."
     def __init__(self, root: str | Path, expected_width: int | None = None):
@@ -123,8 +185,7 @@ class FeatureCache:
         if k not in self._open:
             path = self.root / self.shards[k]["file"]
             if not path.exists(): raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
-            if sha256(path) != self.shards[k]["sha256"]:
-                raise ValueError(f"shard {path} is corrupt (SHA-256 mismatch); delete it and rerun extraction to rebuild it")
+            verify_shard(path, self.shards[k]["sha256"])
             tensors, metadata = memmap_safetensors(path)
             po, go = tensors["prompt_offsets"].tolist(), tensors["generated_offsets"].tolist()
             # views into the mapped shard, made once: slicing three tensors per sample per batch costs more than the read
@@ -163,30 +224,46 @@ def _merge_entries(root: Path, manifest: dict):
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
     for p in entries: p.unlink()
 
+def _finished(root: Path) -> set[str]:
+    "Shards finished so far: listed in the manifest or announced by an entry file."
+    listed = json.loads((root / MANIFEST).read_text())["shards"] if (root / MANIFEST).exists() else []
+    return {s["file"] for s in listed} | {p.name[:-len(ENTRY.format(""))] for p in root.glob(ENTRY.format("*"))}
+
+def wait_for(ready, what: str, poll_seconds: float = 2.0, timeout_hours: float = 48.0):
+    "Poll `ready()` until true: processes wait on the file system, not in a collective with NCCL's 10-minute timeout."
+    deadline = time.time() + 3600 * timeout_hours
+    while not ready():
+        if time.time() > deadline: raise TimeoutError(f"gave up waiting for {what} after {timeout_hours} hours")
+        time.sleep(poll_seconds)
+
 def extract_features(model, processor, source, root: str | Path,
                      instructions: Sequence[str],  # one is drawn per image: a profile's `describe_instructions`
                      samples: int = 0,             # the first `samples` of the source; 0: all of it
                      shard_size: int = 1024, batch_size: int = 64, max_new_tokens: int = 24, seed: int = 0,
-                     image_size: int | None = 32) -> FeatureCache:
+                     image_size: int | None = 32,
+                     vision_id: bool = False,      # "Picture 1: " before the image: none officially (`Profile.describe_vision_id`)
+                     poll_seconds: float = 2.0,    # how often a process that is done looks for the others' shards
+                     ) -> FeatureCache:
     "Extract (or finish extracting) the features of a source's images, with their rows, into a shard folder; shards split over processes."
     root, state = Path(root), process_state()
     root.mkdir(parents=True, exist_ok=True)
     n = min(samples or len(source), len(source))
+    ends, pad = end_token_ids(model, processor.tokenizer), processor.tokenizer.pad_token_id
+    generation = applied_generation(model, vlm_generation_config(ends, pad, max_new_tokens))  # temperature 0.6, top-p 0.9
     params = {"samples": n, "shard_size": shard_size, "max_new_tokens": max_new_tokens, "seed": seed,
-              "temperature": 0.6, "top_p": 0.9, "model": str(getattr(model.config, "_name_or_path", "")),
+              "generation": generation, "vision_id": vision_id, "model": str(getattr(model.config, "_name_or_path", "")),
               "weights": weights_digest(model),  # retrained weights at the same path must not reuse old features
               "instructions": list(instructions)}  # nor another profile's instructions
     width = model.config.text_config.hidden_size
     manifest = {"width": width, "dtype": "float16", "params": params, "shards": []}
-    if (root / MANIFEST).exists():
-        old = json.loads((root / MANIFEST).read_text())
-        if (old["params"], old["width"]) != (params, width):
-            raise ValueError(f"{root} holds features extracted with {old['params']} (width {old['width']}); "
-                             f"asked for {params} (width {width}): use another folder")
-        manifest = old
-    elif state.is_main_process: atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))  # params first
-    state.wait_for_everyone()
-    done = {s["file"] for s in manifest["shards"]} | {json.loads(p.read_text())["file"] for p in root.glob(ENTRY.format("*"))}
+    if state.is_main_process and not (root / MANIFEST).exists():
+        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))  # params first
+    wait_for(lambda: (root / MANIFEST).exists(), f"{root / MANIFEST}", poll_seconds)
+    old = json.loads((root / MANIFEST).read_text())
+    if (old["params"], old["width"]) != (params, width):
+        raise ValueError(f"{root} holds features extracted with {old['params']} (width {old['width']}); "
+                         f"asked for {params} (width {width}): use another folder")
+    manifest, done = old, _finished(root)
     n_shards = -(-n // shard_size)
     mine = range(state.process_index, n_shards, state.num_processes)  # process r makes shards r, r + N, r + 2N, ...
     for k in tqdm(mine, desc="feature shards", disable=not state.is_main_process):
@@ -200,13 +277,15 @@ def extract_features(model, processor, source, root: str | Path,
             rows = [{"instruction": rng.choice(instructions), **item} for item in items]
             torch.manual_seed(seed * 100_003 + k * 1_009 + b - lo)
             features += generate_with_features(model, processor, [description_messages(r["instruction"]) for r in rows],
-                                               images, max_new_tokens, image_size=image_size)
+                                               images, max_new_tokens, image_size=image_size, vision_id=vision_id)
             shard_rows += rows
         for r, s in zip(shard_rows, features): r["text"] = s["text"]
         write_shard(root / name, features, shard_rows)
         atomic_write_text(root / ENTRY.format(name), json.dumps({"file": name, "samples": len(shard_rows), "sha256": sha256(root / name)}))
         if state.is_main_process: _merge_entries(root, manifest)
-    state.wait_for_everyone()
-    if state.is_main_process: _merge_entries(root, manifest)
-    state.wait_for_everyone()
+    # the main process folds in the others' entries as they come; every process returns once the manifest is whole
+    def whole():
+        if state.is_main_process and any(root.glob(ENTRY.format("*"))): _merge_entries(root, manifest)
+        return cache_complete(root)
+    wait_for(whole, f"the other processes' shards in {root}", poll_seconds)
     return FeatureCache(root, width)

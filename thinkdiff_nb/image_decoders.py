@@ -31,7 +31,8 @@ class ImageDecoder(ABC):
     def empty_pooled(self, n: int) -> torch.Tensor:
         "The empty prompt's pooled vector, (n, d_pool): the pooled input of aligned tokens."
     @abstractmethod
-    def draw(self, embeds: torch.Tensor, pooled: torch.Tensor, steps: int = 0, guidance: float = 0.0, seed: int = 0,
+    def draw(self, embeds: torch.Tensor, pooled: torch.Tensor, steps: int = 0, guidance: float = 0.0,
+             seed: int | list[int] = 0,  # the batch's seed, or one seed per row
              size: int = 0) -> np.ndarray:
         "uint8 images (B, size, size, 3) from prompt embeds (B, L, d) and pooled vectors (B, d_pool)."
     @abstractmethod
@@ -83,7 +84,8 @@ class FluxDecoder(ImageDecoder):
     @torch.no_grad()
     def draw(self, embeds, pooled, steps=0, guidance=0.0, seed=0, size=0):
         size = size or 512  # CoBSAT's size in the official multi-image script
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(embeds))]
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(embeds))]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
         dtype = self.pipe.transformer.dtype
         out = self.pipe(prompt_embeds=embeds.to(self.device, dtype), pooled_prompt_embeds=pooled.to(self.device, dtype),
                         height=size, width=size, num_inference_steps=steps or self.default_steps,

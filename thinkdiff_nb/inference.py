@@ -5,6 +5,7 @@
 # %% ../nbs/02d_inference.ipynb #c8a6638f
 from __future__ import annotations
 from dataclasses import dataclass, field
+import numpy as np
 import torch
 from .world import InContextPrompt, display_word
 from pathlib import Path
@@ -13,11 +14,12 @@ from .backbones import Profile, as_profile, icl_messages, load_vlm, project_path
 from .image_decoders import ImageDecoder, load_image_decoder
 from .aligner import apply_readout, load_aligner, load_readout
 from .methods import ALIGNER_METHODS, METHODS, aligners_needed
-from .features import generate_with_features
+from .features import applied_generation, end_token_ids, generate_with_features, vlm_generation_config
 from .world import oracle_prompt
 
 # %% auto #0
-__all__ = ['ThinkDiff', 'aligner_folders', 'rendered_demonstrations', 'respond', 'conditioning', 'read_back']
+__all__ = ['Tokens', 'ThinkDiff', 'aligner_folders', 'rendered_demonstrations', 'respond', 'answer_settings', 'conditioning',
+           'draw', 'read_back']
 
 # %% ../nbs/02d_inference.ipynb #7fd9a9f9
 @dataclass
@@ -63,54 +65,84 @@ def rendered_demonstrations(prompt: InContextPrompt, image_seed: int = 10 ** 6) 
 
 def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, seed: int = 0, batch_size: int = 64,
             demonstrations=rendered_demonstrations,  # prompt -> its demonstration images (e.g. CoBSAT's released ones)
+            features: bool = True,  # also the states of exactly n_tokens with the end tokens masked (the aligners' input)
             ) -> list[dict]:
-    "Per prompt: prompt states, `n_tokens` generated states, and the answer text up to EOS."
-    eos, out = td.processor.tokenizer.eos_token_id, []
+    "Per prompt: the answer text up to its end token and, with `features`, the prompt states and `n_tokens` generated states."
+    out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        torch.manual_seed(seed + i)
-        samples = generate_with_features(td.vlm, td.processor, [icl_messages(p.texts) for p in chunk],
-                                         [demonstrations(p) for p in chunk], n_tokens,
-                                         ignore_eos=True, image_size=td.profile.image_size)
-        for s in samples:
-            ids = s["generated_ids"].tolist()
-            s["answer"] = td.processor.tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
-        out += samples
+        conversations, images = [icl_messages(p.texts) for p in chunk], [demonstrations(p) for p in chunk]
+        def generate(**how):  # the same sampling noise for both generations
+            torch.manual_seed(seed + i)
+            return generate_with_features(td.vlm, td.processor, conversations, images, n_tokens,
+                                          image_size=td.profile.image_size, **how)
+        answers = generate(min_new_tokens=0, capture=None)  # may stop at once, as vLLM's min_tokens 0
+        states = generate(ignore_eos=True) if features else [{}] * len(chunk)
+        out += [s | {"answer": a["text"], "answer_ids": a["generated_ids"]} for a, s in zip(answers, states)]
     return out
 
+def answer_settings(td: ThinkDiff, n_tokens: int = 24) -> dict:
+    "The sampling `respond` applies, as `generate` applies it: for the answer text and for the aligners' n_tokens."
+    ends, pad = end_token_ids(td.vlm, td.processor.tokenizer), td.processor.tokenizer.pad_token_id
+    return {"answer": applied_generation(td.vlm, vlm_generation_config(ends, pad, n_tokens, min_new_tokens=0)),
+            "features": applied_generation(td.vlm, vlm_generation_config(ends, pad, n_tokens, ignore_eos=True))}
+
 # %% ../nbs/02d_inference.ipynb #e0095677
+Tokens = torch.Tensor | list  # (B, L, d), or B tensors (L_i, d) when the rows differ in length
+
 def _aligned(td: ThinkDiff, name: str,  # an aligner method
-             responses: list[dict]) -> torch.Tensor:
-    "An aligner's tokens (B, L, d) for a batch; prompts of different lengths are right-padded with zeros first."
+             responses: list[dict]) -> Tokens:
+    "An aligner's tokens of a batch: (B, L, d) when every sample has L rows, else each sample's (L_i, d) projected alone."
     if name not in td.aligners: raise KeyError(f"no {name!r} aligner; loaded: {sorted(td.aligners)}")
     aligner = td.aligners[name]
     feats = [r["prompt_features" if ALIGNER_METHODS[name].states == "input" else "generated_features"] for r in responses]
-    length = max(len(f) for f in feats)
-    batch = torch.zeros(len(feats), length, feats[0].shape[-1])
-    for i, f in enumerate(feats): batch[i, :len(f)] = f
-    with torch.no_grad(): return aligner(batch.to(aligner.device))
+    with torch.no_grad():
+        if len({len(f) for f in feats}) == 1: return aligner(torch.stack(feats).to(aligner.device))
+        return [aligner(f[None].to(aligner.device))[0] for f in feats]
 
-def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    "(decoder tokens (B, L, d), pooled vectors (B, d_pool)) of a method for a batch of prompts and the VLM's responses."
+def _per_row(tokens: Tokens, op) -> Tokens:
+    "`op` applied to a batch of tokens, or to each row of a ragged list."
+    return op(tokens) if torch.is_tensor(tokens) else [op(t[None])[0] for t in tokens]
+
+def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> tuple[Tokens, torch.Tensor]:
+    "(decoder tokens (B, L, d) or a ragged list, pooled vectors (B, d_pool)) of a method for a batch of prompts and answers."
     text = td.decoder.encode_prompt
     if method in ALIGNER_METHODS: return _aligned(td, method, responses), td.decoder.empty_pooled(len(responses))
     if method == "thinkdiff-readout":
         if "thinkdiff" not in td.readouts: raise KeyError("the thinkdiff aligner has no T5 readout; 03_train saves one beside its weights")
-        return apply_readout(_aligned(td, "thinkdiff", responses), td.readouts["thinkdiff"]), td.decoder.empty_pooled(len(responses))
+        readout = td.readouts["thinkdiff"]
+        return _per_row(_aligned(td, "thinkdiff", responses), lambda t: apply_readout(t, readout)), td.decoder.empty_pooled(len(responses))
     if method == "text-bridge": return text([r["answer"] for r in responses])
     if method == "hybrid":
         embeds, pooled = text([r["answer"] for r in responses])
-        return torch.cat([_aligned(td, "thinkdiff", responses).to(embeds), embeds], 1), pooled
+        aligned = _aligned(td, "thinkdiff", responses)
+        if torch.is_tensor(aligned): return torch.cat([aligned.to(embeds), embeds], 1), pooled
+        return [torch.cat([a.to(e), e]) for a, e in zip(aligned, embeds)], pooled
     if method == "query-only": return text([display_word(p.xs[-1]) for p in prompts])
     if method == "oracle": return text([oracle_prompt(p.task.theme, *p.target) for p in prompts])
     raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
 
+def draw(decoder: ImageDecoder, embeds: Tokens, pooled: torch.Tensor, steps: int = 0, guidance: float = 0.0, seed: int = 0,
+         size: int = 0) -> np.ndarray:
+    "uint8 images (B, H, W, 3) of a conditioning: one batch, or one per row length with each row's seed (seed + row)."
+    if torch.is_tensor(embeds): return decoder.draw(embeds, pooled, steps, guidance, seed=seed, size=size)
+    images = [None] * len(embeds)
+    for length in sorted({len(e) for e in embeds}):
+        rows = [i for i, e in enumerate(embeds) if len(e) == length]
+        drawn = decoder.draw(torch.stack([embeds[i] for i in rows]), pooled[rows], steps, guidance,
+                             seed=[seed + i for i in rows], size=size)
+        for i, image in zip(rows, drawn): images[i] = image
+    return np.stack(images)
+
 # %% ../nbs/02d_inference.ipynb #b7f7c54d
 @torch.no_grad()
 def read_back(t5, tokenizer,  # the profile's T5 (`load_t5`) and its tokenizer
-              tokens: torch.Tensor,  # (B, L, d) aligned tokens, given to the decoder as its encoder states
+              tokens,  # (B, L, d) aligned tokens, or a list of (L_i, d), given to the decoder as its encoder states
               max_new_tokens: int = 24) -> list[str]:
-    "What the frozen T5 decoder reads back from `tokens`: its greedy decoding, per row."
-    encoded = BaseModelOutput(last_hidden_state=tokens.to(t5.device, t5.dtype))
-    ids = t5.generate(encoder_outputs=encoded, max_new_tokens=max_new_tokens, do_sample=False)
+    "What the frozen T5 decoder reads back from `tokens`: its greedy decoding, per row (ragged rows masked, as T5 reads them)."
+    rows = list(tokens)
+    states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, L, d), zero rows after a shorter sample
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
+    encoded = BaseModelOutput(last_hidden_state=states.to(t5.device, t5.dtype))
+    ids = t5.generate(encoder_outputs=encoded, attention_mask=mask.to(t5.device), max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

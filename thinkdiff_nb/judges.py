@@ -12,8 +12,9 @@ from .world import Theme, as_theme, display_word
 from .backbones import PROFILES, Judge, Profile, require_weights, as_profile, judge_pairs, load_judge
 
 # %% auto #0
-__all__ = ['JUDGES', 'LLAVA_V1_SYSTEM', 'MAX_QUESTION_CHARS', 'judge_questions', 'parse_option', 'CobsatJudge', 'MiniJudge',
-           'llava_prompt', 'expand_to_square', 'LlavaJudge', 'ClipJudge', 'load_cobsat_judge']
+__all__ = ['JUDGES', 'LLAVA_V1_SYSTEM', 'MAX_QUESTION_CHARS', 'COBSAT_DTYPES', 'judge_questions', 'parse_option', 'CobsatJudge',
+           'MiniJudge', 'llava_prompt', 'expand_to_square', 'LlavaJudge', 'ClipJudge', 'judge_dtype',
+           'load_cobsat_judge']
 
 # %% ../nbs/01e_judges.ipynb #ed5cab53
 def _options(values: list[str]) -> str:
@@ -184,15 +185,21 @@ class ClipJudge(CobsatJudge):
 
 # %% ../nbs/01e_judges.ipynb #1a9d6118
 _OPTIONS = {"mini": (), "llava": ("max_new_tokens", "batch_size"), "clip": ("batch_size",)}
+COBSAT_DTYPES = {"llava": torch.float16, "clip": torch.float32}  # LLaVA-1.5 as CoBSAT's LLaVA loads it; CLIP as loaded
+
+def judge_dtype(name: str, device) -> torch.dtype:
+    "The dtype CoBSAT runs judge `name` in on a GPU (COBSAT_DTYPES); float32 on a CPU, which has no fast half kernels."
+    return COBSAT_DTYPES.get(name, torch.float32) if torch.device(device).type == "cuda" else torch.float32
 
 def load_cobsat_judge(profile: Profile | str,
                       name: str,  # mini | llava | clip
                       device="cpu",  # a torch device; llava and clip take it as from_pretrained's device_map
-                      dtype=torch.float32,  # llava and clip (CoBSAT ran LLaVA in float16); the CNN stays float32
+                      dtype: torch.dtype | str = "auto",  # auto: CoBSAT's (`judge_dtype`), not the run's; the CNN stays float32
                       **kwargs,  # judge options (see _OPTIONS); a judge ignores the others'
                      ) -> CobsatJudge:
     "One of CoBSAT's judges for a profile, by name."
     if name not in JUDGES: raise ValueError(f"unknown judge {name!r}; judges are {JUDGES}")
+    dtype = judge_dtype(name, device) if dtype == "auto" else dtype
     unknown = sorted(set(kwargs) - {o for opts in _OPTIONS.values() for o in opts})
     if unknown: raise TypeError(f"unknown judge options {unknown}; options per judge are {_OPTIONS}")
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS[name]}

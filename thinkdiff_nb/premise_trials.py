@@ -257,7 +257,8 @@ def trial_aligners(profile: Profile, caches: dict,  # {"train", "validation"}: F
         if not (folder / "heldout.json").exists():
             _, _, metrics = train_aligner(caches["train"], caches["validation"], t5, tokenizer, vlm_tokenizer, profile.t5, folder,
                                           method=name, norm="t5", steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10),
-                                          ckpt_every=min(steps, 1000), eval_batches=eval_batches, seed=seed)
+                                          ckpt_every=min(steps, 1000), eval_batches=eval_batches, seed=seed,
+                                          grad_clip=1.0)  # as 03_train's mini runs (params/train_mini.yaml)
             _write_json(folder / "heldout.json", metrics)
         folders[name], heldout[name] = folder / "aligner", json.loads((folder / "heldout.json").read_text())
     return folders, heldout

@@ -174,7 +174,9 @@ def _save_vlm(folder: Path, seed: int):
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     model = _seeded(seed, lambda: Qwen2VLForConditionalGeneration(config))
-    model.generation_config = GenerationConfig(bos_token_id=eot, pad_token_id=eot, eos_token_id=[im_end, eot])
+    model.generation_config = GenerationConfig(  # the hub repository's generation_config.json: settings vLLM never reads
+        bos_token_id=eot, pad_token_id=eot, eos_token_id=[im_end, eot], do_sample=True, repetition_penalty=1.05,
+        temperature=0.01, top_k=1, top_p=0.001)
     model.save_pretrained(folder)
     tok.save_pretrained(folder, save_jinja_files=False)  # the template goes into tokenizer_config.json, as in the hub repo
     tok.backend_tokenizer.model.save(str(folder))  # vocab.json and merges.txt

@@ -21,11 +21,11 @@ from .data import open_image_captions
 from .world import write_image_caption_set
 
 # %% auto #0
-__all__ = ['split_point', 'make_example', 'collate', 'label_tokens', 'AlignerBatches', 'aligner_loss', 'aligner_loss_fn',
-           'teacher_forced_metrics', 'continuation_metrics', 'cache_pixels', 'ImageBatches', 'image_loss_fn',
-           'image_loss_metrics', 'content_probe', 'encoder_states', 'decoder_states', 'token_starts', 'paired_rows',
-           't5_space_pairs', 't5_space_agreement', 't5_readout', 'train_aligner', 'image_caption_root',
-           'feature_caches']
+__all__ = ['split_point', 'make_example', 'collate', 'label_tokens', 'AlignerBatches', 't5_logits', 't5_decoder_loss',
+           'aligner_loss', 'aligner_loss_fn', 'teacher_forced_metrics', 'continuation_metrics', 'cache_pixels',
+           'ImageBatches', 'image_loss_fn', 'image_loss_metrics', 'content_probe', 'encoder_states', 'decoder_states',
+           'token_starts', 'paired_rows', 't5_space_pairs', 't5_space_agreement', 't5_readout', 'train_aligner',
+           'image_caption_root', 'feature_caches']
 
 # %% ../nbs/02c_training.ipynb #065af3e5
 def split_point(length: int, max_split: int, rng: random.Random) -> int:
@@ -81,11 +81,20 @@ class AlignerBatches:
         return features, mask, labels, weight
 
 # %% ../nbs/02c_training.ipynb #34e966f6
+def t5_logits(t5, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    "The T5 decoder's teacher-forced logits (B, T, vocab) for `labels` (B, T) given encoder states (B, S, d) and their mask."
+    decoder_ids = t5.prepare_decoder_input_ids_from_labels(labels=labels)  # the start token, then the labels shifted right
+    return t5(encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=decoder_ids).logits
+
+def t5_decoder_loss(t5, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    "Token-mean cross-entropy of the T5 decoder on `labels` (B, T) given encoder states (B, S, d), in float32."
+    return F.cross_entropy(t5_logits(t5, states, mask, labels).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
 def aligner_loss(aligner: Aligner, t5, batch, device="cpu") -> torch.Tensor:
     "Captioning loss of the frozen T5 decoder on aligned features, weighted as this process's share of the global batch."
     features, mask, labels, weight = batch
     aligned = aligner(features.to(device)).to(t5.dtype)  # a float32 aligner feeds a bfloat16 T5 on a GPU
-    return t5(encoder_outputs=(aligned,), attention_mask=mask.to(device), labels=labels.to(device)).loss * weight
+    return t5_decoder_loss(t5, aligned, mask.to(device), labels.to(device)) * weight
 
 def aligner_loss_fn(t5, batches: AlignerBatches):
     "A `fit` loss over random batches."
@@ -98,10 +107,10 @@ def teacher_forced_metrics(t5, decoder_inputs,  # generator -> (encoder states (
     g, losses, right, total = torch.Generator().manual_seed(seed), [], 0, 0
     for _ in range(n_batches):
         states, mask, labels = decoder_inputs(g)
-        out = t5(encoder_outputs=(states,), attention_mask=mask, labels=labels.to(states.device))
+        logits = t5_logits(t5, states, mask, labels.to(states.device)).float()  # (B, T, vocab)
         keep = labels != -100
-        right += int((out.logits.argmax(-1).cpu()[keep] == labels[keep]).sum()); total += int(keep.sum())
-        losses.append(out.loss.item())
+        right += int((logits.argmax(-1).cpu()[keep] == labels[keep]).sum()); total += int(keep.sum())
+        losses.append(F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100).item())
     return {"loss": float(np.mean(losses)), "token_accuracy": right / total, "tokens": total}
 
 def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 10, seed: int = 1234) -> dict:
@@ -268,6 +277,8 @@ def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tok
                   batch_size: int = 32,  # the global batch, split evenly over accelerate's processes
                   lr: float = 1e-3, min_lr: float = 0.0, warmup: int = 100, weight_decay: float = 0.05, max_split: int = 128,
                   ckpt_every: int = 250, eval_batches: int = 10, seed: int = 0,
+                  grad_clip: float = 0.0,               # max gradient norm; 0: off, as the official run
+                  t5_dropout: bool = True,              # the frozen T5 in train mode while training, as the official runner
                   decoder: ImageDecoder | None = None,  # image-loss only: the frozen image decoder
                   source=None,                          # image-loss only: the image-caption source of the training cache
                   pixel_size: int = 32,                 # image-loss only: side of the images the decoder trains on
@@ -278,9 +289,11 @@ def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tok
         if decoder is None or source is None: raise ValueError(f"method {method!r} trains on the image decoder: pass decoder and source")
         loss_fn = image_loss_fn(decoder, ImageBatches(train_cache, source, pixel_size, batch_size))
     else: loss_fn = aligner_loss_fn(t5, AlignerBatches(train_cache, method, vlm_tokenizer, t5_tokenizer, batch_size, max_split))
-    run = fit(aligner, loss_fn, steps, out_dir / "checkpoint.pt", lr=lr, warmup=warmup,
-              weight_decay=weight_decay, ckpt_every=ckpt_every, seed=seed, desc=f"aligner {method} norm={norm}",
-              log_csv=out_dir / "loss.csv", min_lr=min_lr)
+    t5.train(t5_dropout)  # frozen either way: no parameter of it has a gradient
+    try: run = fit(aligner, loss_fn, steps, out_dir / "checkpoint.pt", lr=lr, warmup=warmup, weight_decay=weight_decay,
+                   ckpt_every=ckpt_every, seed=seed, clip=grad_clip or None, desc=f"aligner {method} norm={norm}",
+                   log_csv=out_dir / "loss.csv", min_lr=min_lr)
+    finally: t5.eval()
     aligner.save_pretrained(out_dir / "aligner", is_main_process=process_state().is_main_process)
     val = AlignerBatches(val_cache, method, vlm_tokenizer, t5_tokenizer, batch_size, max_split, share=(0, 1))
     return aligner, run.losses, continuation_metrics(aligner, t5, val, eval_batches, seed=seed + 1)
@@ -297,7 +310,9 @@ def feature_caches(vlm_loader, processor, width: int, cache_dir, data_root,
                    instructions: Sequence[str],  # one drawn per image: the profile's `describe_instructions`
                    render_if_missing: bool = True, images_per_pair: int = 1, max_images: int = 0, validation_samples: int = 256,
                    shard_size: int = 1024,       # feature samples per shard
-                   max_new_tokens: int = 24, batch_size: int = 64, seed: int = 0, image_size: int | None = 32) -> dict[str, FeatureCache]:
+                   max_new_tokens: int = 24, batch_size: int = 64, seed: int = 0, image_size: int | None = 32,
+                   vision_id: bool = False,      # "Picture 1: " in the prompts: the profile's `describe_vision_id`
+                   ) -> dict[str, FeatureCache]:
     "The train and validation caches under `cache_dir`, extracted if needed; `vlm_loader()` loads the VLM only then."
     caches, vlm = {}, None
     for split in ("train", "validation"):
@@ -307,6 +322,6 @@ def feature_caches(vlm_loader, processor, width: int, cache_dir, data_root,
             vlm = vlm or vlm_loader()
             extract_features(vlm, processor, source, root, instructions, max_images if split == "train" else validation_samples,
                              shard_size=shard_size, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             seed=seed + (split == "validation"), image_size=image_size)
+                             seed=seed + (split == "validation"), image_size=image_size, vision_id=vision_id)
         caches[split] = FeatureCache(root, expected_width=width)
     return caches

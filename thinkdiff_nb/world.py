@@ -609,6 +609,9 @@ class ImageCaptionSet:
         path = self.root / self.rows[i]["image"]
         if not path.exists(): raise FileNotFoundError(f"image {path} listed in the index is missing")
         return np.asarray(Image.open(path).convert("RGB"))
+    def row(self, i: int) -> dict:
+        "Row i's fields (image path, caption, ...), without reading the image."
+        return dict(self.rows[i])
     def __getitem__(self, i: int) -> dict: return {**self.rows[i], "pixels": self.image(i)}
 
 # %% ../nbs/00_world.ipynb #5f0d0b87

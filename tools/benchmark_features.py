@@ -64,7 +64,8 @@ def time_training(vlm, processor, images, rows, args, workdir: Path) -> dict:
     profile = get_profile(args.profile)
     t5, t5_tokenizer = load_t5(profile)
     cache = extract_features(vlm, processor, MemorySource(images, rows), workdir / "features", profile.describe_instructions,
-                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                             vision_id=profile.describe_vision_id)
     in_memory = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in cache[i].items()} for i in range(len(cache))]
     seconds, losses = {"memory_mapped": [], "in_memory": []}, {}
     for round_ in range(args.repeats + 1):  # round 0 warms up
