@@ -144,6 +144,16 @@ def test_video_conditioning_fills_226_positions(video_pipe, aligned):
     assert short.shape == short_negative.shape == (1, 226, 32)  # any image length: the text fills the rest
 
 
+def test_video_pipeline_decodes_in_tiles_one_video_at_a_time(video_pipe, aligned):
+    "CogVideoX-5b's 49 frames of 480x720 decode in its own 240x360 tiles, a batch one video at a time, not all at once."
+    vae = video_pipe.vae
+    assert (vae.use_tiling, vae.use_slicing) == (True, True)
+    assert (vae.tile_sample_min_height, vae.tile_sample_min_width) == (240, 360)
+    embeds, negative = video_conditioning(video_pipe, aligned[:1], [PROMPT])
+    video = draw_video(video_pipe, embeds, negative, frames=9, height=256, width=32, steps=1)
+    assert video.shape == (1, 9, 256, 32, 3)  # taller than a tile: decoded in two, stitched back to the size asked
+
+
 def test_cogvideox_writes_a_video_of_the_requested_frames_and_size(video_pipe, aligned, tmp_path):
     path = image_text_video(video_pipe, aligned[:1], PROMPT, tmp_path / "out" / "panda.mp4", frames=9, height=32, width=48, steps=2)
     assert path == tmp_path / "out" / "panda.mp4" and path.stat().st_size > 0

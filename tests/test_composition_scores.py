@@ -111,6 +111,7 @@ def test_tiny_paper_trains_composes_and_draws_a_video(tmp_path):
     assert metrics["run"]["decoder"] == "FluxPipeline" and metrics["run"]["judge"] == "clip"
     assert metrics["metrics"]["tokens_per_image"] == 65 and len(pd.read_csv(run / "records.csv")) == 3 * 2 * len(CONDITIONINGS)
     assert read_video(run / "video.mp4").shape == (9, 32, 48, 3)
+    assert metrics["metrics"]["resident_at_video"] == ["vision", "aligner"]  # FLUX and the judge released before CogVideoX loaded
     assert {k: metrics["metrics"]["video"][k] for k in ("frames", "height", "width")} == {"frames": 9, "height": 32, "width": 48}
     assert _figures(tmp_path / "run.ipynb") == 3  # scores, grid, video frames
     # the released thinkdiff_clip.pth layout, at tiny-paper's widths, in place of the trained folder

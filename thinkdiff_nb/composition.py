@@ -7,15 +7,34 @@ from __future__ import annotations
 from pathlib import Path
 import os
 import numpy as np
+from PIL import Image, ImageOps
 import torch
 from diffusers import CogVideoXPipeline
 from diffusers.utils import export_to_video
-from .backbones import Profile, as_profile
+from .backbones import Profile, as_profile, project_path
 from .image_decoders import FluxDecoder
 
 # %% auto #0
-__all__ = ['check_image_tokens', 'flux_conditioning', 'image_text_conditioning', 'images_conditioning', 'load_video_pipeline',
-           'video_conditioning', 'check_video_shape', 'draw_video', 'write_video', 'read_video', 'image_text_video']
+__all__ = ['clip_sources', 'check_image_tokens', 'read_images', 'flux_conditioning', 'image_text_conditioning',
+           'images_conditioning', 'load_video_pipeline', 'video_conditioning', 'check_video_shape', 'draw_video',
+           'write_video', 'read_video', 'image_text_video']
+
+# %% ../nbs/02h_composition.ipynb #0000001a
+def clip_sources(profile: Profile | str,
+                 vision_dir: str = "",    # vision encoder folder or hub id; empty: the profile's
+                 clip_aligner: str = "",  # aligner folder or the official thinkdiff_clip.pth; empty: the profile's
+                ) -> tuple[str, Path]:
+    "(vision encoder folder or hub id, aligner path) of a ThinkDiff-CLIP run: the ones named, else the profile's."
+    profile = as_profile(profile)
+    local = project_path(vision_dir) if vision_dir else None
+    vision = (str(local) if local.exists() else vision_dir) if vision_dir else profile.vision
+    if not vision: raise ValueError(f"profile {profile.name!r} has no vision encoder: pass vision_dir")
+    if not (clip_aligner or profile.clip_aligner):
+        raise ValueError(f"profile {profile.name!r} ships no ThinkDiff-CLIP aligner: pass clip_aligner "
+                         "(a folder from nbs/10_train_clip.ipynb or the official thinkdiff_clip.pth)")
+    aligner = project_path(clip_aligner or profile.clip_aligner)
+    if not aligner.exists(): raise FileNotFoundError(f"no aligner at {aligner}")
+    return vision, aligner
 
 # %% ../nbs/02h_composition.ipynb #00000008
 def check_image_tokens(tokens: torch.Tensor,  # aligned tokens of one image per row, (B, n, d_text)
@@ -26,6 +45,19 @@ def check_image_tokens(tokens: torch.Tensor,  # aligned tokens of one image per 
     if tokens.shape[-1] != width:
         raise ValueError(f"image tokens are {tokens.shape[-1]} wide but the decoder reads {width}-wide T5 states")
     return tokens
+
+# %% ../nbs/02h_composition.ipynb #0000001d
+def read_images(paths: list) -> list[np.ndarray]:
+    "RGB uint8 arrays (H, W, 3) of image files; every path that is missing or not an image named in one ValueError."
+    images, problems = [], []
+    for path in map(Path, paths):
+        try:
+            with Image.open(path) as image:  # turned upright by its EXIF orientation, as transformers' load_image does
+                images.append(np.asarray(ImageOps.exif_transpose(image).convert("RGB")))
+        except FileNotFoundError: problems.append(f"{path} (no such file)")
+        except OSError as e: problems.append(f"{path} (not an image: {e})")  # not decodable, truncated, or a folder
+    if problems: raise ValueError(f"cannot read {len(problems)} image file(s): " + "; ".join(problems))
+    return images
 
 # %% ../nbs/02h_composition.ipynb #0000000b
 @torch.no_grad()
@@ -67,6 +99,11 @@ def load_video_pipeline(profile: Profile | str, device="cpu", dtype=torch.float3
         raise ValueError(f"{profile.video} reads {pipe.transformer.config.text_embed_dim}-wide prompt embeds but "
                          f"profile {profile.name!r} aligns to {profile.text_width}")
     for model in (pipe.transformer, pipe.vae, pipe.text_encoder): model.eval().requires_grad_(False)
+    # 49 frames of 480x720 decoded whole take about 18 GB of activations, in 240x360 tiles about 4.5 (diffusers' estimate).
+    # The tiles are CogVideoX-5b's own (half its 480x720, where the blends stitch exactly), named because a VAE config of
+    # other sample sizes (tiny-paper's 32 px) would give tiles too small to stitch back to the video's size
+    pipe.vae.enable_tiling(tile_sample_min_height=240, tile_sample_min_width=360)
+    pipe.vae.enable_slicing()  # a batch of videos decoded one at a time
     if cpu_offload: pipe.enable_model_cpu_offload(device=device)
     else: pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
