@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup test test-fast reproduce benchmark docs readme check-clean check-export nbtest pytest
+.PHONY: setup test test-fast reproduce benchmark docs readme check-clean check-export nbtest pytest gpu-check
 
 setup: $(STAMP)
 
@@ -65,6 +65,14 @@ benchmark: $(STAMP)
 	$(BIN)/python tools/benchmark_features.py
 	$(BIN)/python tools/benchmark_t5_load.py
 	$(BIN)/python tools/benchmark_streaming.py
+
+# Before anything long on GPUs: each step of the paper path once, with what it measured (versions, the VLM's sampling
+# as applied, row semantics, the released aligner, the decoder-only Flan-T5, FLUX, the judges, one CoBSAT block, five
+# training steps, a CogVideoX clip, the premise at paper scale), written to outputs/gpu-check/gpu_check.json. On a CPU
+# it runs on the tiny-paper profile; on GPUs pass the checkpoints: make gpu-check GPU_CHECK="--aligner PATH --clip-aligner PATH"
+GPU_CHECK ?=
+gpu-check: $(STAMP)
+	$(BIN)/python tools/gpu_check.py $(GPU_CHECK)
 
 # README.md from nbs/index.ipynb, with the figures it shows written to nbs/images/: edit and run the notebook (outputs
 # are kept), then this; tests/test_readme.py fails while the two differ.
