@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import save_file
 from transformers import T5ForConditionalGeneration
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil

@@ -23,7 +23,7 @@ from thinkdiff_nb.composition import image_text_video, load_video_pipeline, read
 from thinkdiff_nb.data import MemorySource  # noqa: E402
 from thinkdiff_nb.features import end_token_ids, extract_features, generate_with_features  # noqa: E402
 from thinkdiff_nb.image_decoders import load_image_decoder  # noqa: E402
-from thinkdiff_nb.inference import ThinkDiff, answer_settings, conditioning, draw, rendered_demonstrations, respond  # noqa: E402
+from thinkdiff_nb.inference import ThinkDiff, answer_settings, conditioning, draw, respond  # noqa: E402
 from thinkdiff_nb.judges import judge_dtype, load_cobsat_judge  # noqa: E402
 from thinkdiff_nb.train import (AlignerBatches, ImageBatches, aligner_loss, decoder_states, encoder_states,  # noqa: E402
                                 image_loss_metrics, t5_space_agreement, train_aligner)
