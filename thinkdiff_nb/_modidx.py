@@ -136,7 +136,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'thinkdiff_nb.clip.pool_vision_tokens': ('clip.html#pool_vision_tokens', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.random_split_string': ('clip.html#random_split_string', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.ship_folder': ('clip.html#ship_folder', 'thinkdiff_nb/clip.py'),
-                                   'thinkdiff_nb.clip.squash_image': ('clip.html#squash_image', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.train_clip_aligner': ('clip.html#train_clip_aligner', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.train_mini_vision': ('clip.html#train_mini_vision', 'thinkdiff_nb/clip.py'),
                                    'thinkdiff_nb.clip.vision_heads_loss_fn': ('clip.html#vision_heads_loss_fn', 'thinkdiff_nb/clip.py'),

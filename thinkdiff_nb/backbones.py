@@ -333,11 +333,13 @@ def centre_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     left, top = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
 
-def prepare_image(image, size: int | None) -> Image.Image:
-    "An RGB PIL image; with a `size`, its central square resized to `size` pixels square; with None, as it is."
+def prepare_image(image, size: int | None,
+                  crop: bool = True,  # False: the whole image squashed to the square, as BLIP's processor does
+                  ) -> Image.Image:
+    "An RGB PIL image; with a `size`, its central square (or all of it) resized to `size` pixels square; with None, as it is."
     img = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
     if size is None: return img  # the VLM's processor decides (the paper profiles)
-    if img.width != img.height: img = centre_crop(img, min(img.size), min(img.size))
+    if crop and img.width != img.height: img = centre_crop(img, min(img.size), min(img.size))
     return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
 
 def vlm_batch(processor, conversations: list[list[dict]], images: list[list], answers: list[str] | None = None,

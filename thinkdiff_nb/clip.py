@@ -8,23 +8,22 @@ import json, math, os, random, re, shutil
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, transformers
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoConfig, Blip2VisionModel, CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .world import AXES, THEMES, atomic_dir
-from .backbones import process_share, process_state, share_of, to_pixels, weight_files
+from .backbones import prepare_image, process_share, process_state, share_of, to_pixels, weight_files
 from .aligner import Aligner, t5_aligner
 from .loop import fit
 from .pretrain import augment
 from .train import label_tokens, t5_decoder_loss, teacher_forced_metrics
 
 # %% auto #0
-__all__ = ['IMAGE_MODES', 'CLIP_ALIGNER_BAR', 'VISION_BAR', 'VISION_CLASSES', 'clip_normalise', 'squash_image', 'vision_pixels',
-           'vision_states', 'pool_vision_tokens', 'vision_tokens', 'blip_caption', 'random_split_string', 'ImageTokens',
-           'ClipBatches', 'clip_states', 'clip_loss', 'clip_loss_fn', 'clip_metrics', 'train_clip_aligner',
-           'clip_aligner_gain', 'ship_folder', 'mini_vision_config', 'axis_labels', 'VisionHeads',
-           'vision_heads_loss_fn', 'vision_heads_metrics', 'train_mini_vision', 'load_vision']
+__all__ = ['IMAGE_MODES', 'CLIP_ALIGNER_BAR', 'VISION_BAR', 'VISION_CLASSES', 'clip_normalise', 'vision_pixels', 'vision_states',
+           'pool_vision_tokens', 'vision_tokens', 'blip_caption', 'random_split_string', 'ImageTokens', 'ClipBatches',
+           'clip_states', 'clip_loss', 'clip_loss_fn', 'clip_metrics', 'train_clip_aligner', 'clip_aligner_gain',
+           'ship_folder', 'mini_vision_config', 'axis_labels', 'VisionHeads', 'vision_heads_loss_fn',
+           'vision_heads_metrics', 'train_mini_vision', 'load_vision']
 
 # %% ../nbs/02g_clip.ipynb #fdeb9e8c
 def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -32,14 +31,9 @@ def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return ((pixels + 1) / 2 - mean.to(pixels)) / std.to(pixels)
 
-def squash_image(image, size: int) -> Image.Image:
-    "An RGB PIL image of `image` (uint8 array or PIL) resized whole to `size` x `size` (bicubic), as BLIP's processor does."
-    img = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
-    return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
-
 def vision_pixels(images, size: int) -> torch.Tensor:
     "RGB images (uint8 arrays or PIL, any sizes) -> (B, 3, size, size): squashed to the square side, CLIP-normalised."
-    return clip_normalise(to_pixels(np.stack([np.asarray(squash_image(i, size)) for i in images])))
+    return clip_normalise(to_pixels(np.stack([np.asarray(prepare_image(i, size, crop=False)) for i in images])))
 
 def vision_states(vision_model, pixel_values: torch.Tensor) -> torch.Tensor:
     "The encoder's last hidden state after its post-layernorm (B, 1 + N, d), for CLIPVisionModel and Blip2VisionModel alike."
