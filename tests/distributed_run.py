@@ -9,7 +9,8 @@ from accelerate import PartialState
 import torch
 from safetensors.torch import save_file
 from thinkdiff_nb.aligner import Aligner
-from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, get_profile, load_t5, load_vlm, process_state
+from thinkdiff_nb.runtime import process_state
+from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, get_profile, load_t5, load_vlm
 from thinkdiff_nb.data import MemorySource
 from thinkdiff_nb.features import extract_features
 from thinkdiff_nb.loop import fit

@@ -1,15 +1,16 @@
 "Backbones: the three profiles, save/load round trips, the tokenizer, one training step of each model, bad input."
-import collections, json, os, random
-from pathlib import Path
+import collections, json, random
 import numpy as np
 import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 from diffusers import FluxTransformer2DModel
 from thinkdiff_nb.world import AXES, THEMES, display_word, render
-from thinkdiff_nb.backbones import (Judge, Profile, get_profile, load_decoder, load_judge, load_t5, load_t5_tokenizer,
-                                    mini_decoder_config, mini_t5_config, t5_tokenizer, encode_text, empty_pooled,
-                                    sample_images, judge_pairs, to_pixels, MINI_DIR)
+from thinkdiff_nb.runtime import MINI_DIR
+from thinkdiff_nb.image_decoders import sample_images
+from thinkdiff_nb.backbones import (empty_pooled, encode_text, get_profile, Judge, judge_pairs, load_decoder,
+                                    load_judge, load_t5, load_t5_tokenizer, mini_decoder_config, mini_t5_config,
+                                    Profile, t5_tokenizer)
 from thinkdiff_nb.loop import fit
 from thinkdiff_nb.pretrain import (t5_loss_fn, judge_loss_fn, decoder_loss_fn, caption_table, span_corrupt,
                                    span_length_probs)

@@ -9,7 +9,8 @@ from transformers import AutoImageProcessor, Blip2VisionModel
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from diffusers import CogVideoXPipeline
 from thinkdiff_nb.aligner import Aligner
-from thinkdiff_nb.backbones import MINI_DIR, Profile, get_profile, weight_files
+from thinkdiff_nb.runtime import MINI_DIR, weight_files
+from thinkdiff_nb.backbones import get_profile, Profile
 from thinkdiff_nb.clip import load_vision, vision_tokens
 from thinkdiff_nb.composition import (check_image_tokens, draw_video, flux_conditioning, image_text_conditioning,
                                       image_text_video, images_conditioning, load_video_pipeline, read_video,

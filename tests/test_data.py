@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset
-from PIL import Image
-from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, OFFICIAL_DESCRIBE_INSTRUCTIONS, get_profile, load_vlm, prepare_image
+from thinkdiff_nb.backbones import (DESCRIBE_INSTRUCTIONS, get_profile, load_vlm, OFFICIAL_DESCRIBE_INSTRUCTIONS,
+                                    prepare_image)
 from thinkdiff_nb.data import WIDS_INDEX, WebDatasetSource, open_image_captions, shard_list, write_webdataset
 from thinkdiff_nb.features import FeatureCache, extract_features
 from thinkdiff_nb.train import cache_pixels

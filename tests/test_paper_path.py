@@ -4,9 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import T5ForConditionalGeneration
 from thinkdiff_nb.backbones import get_profile, load_t5, t5_decoder_only
-from thinkdiff_nb.image_decoders import FluxDecoder, load_image_decoder
+from thinkdiff_nb.image_decoders import FluxDecoder
 from thinkdiff_nb.inference import ThinkDiff, conditioning, respond
 from thinkdiff_nb.world import TASKS, task_prompts
 from official_layout import projector, write_official

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 from thinkdiff_nb.world import THEMES, render, write_image_caption_set
-from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, description_messages, get_profile, load_t5, load_vlm, to_pixels, vlm_batch
+from thinkdiff_nb.backbones import (DESCRIBE_INSTRUCTIONS, description_messages, get_profile, load_t5, load_vlm,
+                                    to_pixels, vlm_batch)
 from thinkdiff_nb.aligner import Aligner, init_norm_from_t5, t5_final_norm_weight
 from thinkdiff_nb.data import MemorySource, open_image_captions
-from thinkdiff_nb.features import FeatureCache, extract_features, generate_with_features, sha256
+from thinkdiff_nb.features import FeatureCache, extract_features, generate_with_features
 import thinkdiff_nb.features as features_module
 from thinkdiff_nb.methods import ALIGNER_METHODS
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn, cache_pixels, make_example, split_point

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from transformers import Qwen2VLForConditionalGeneration
 from thinkdiff_nb.world import TASKS, THEMES, display_word, render, task_prompts
-from thinkdiff_nb.backbones import (ImageOnlyQwen2VLProcessor, description_messages, get_profile, icl_messages, load_vlm,
-                                    mini_vlm_config, mini_vlm_processor, vlm_answers, vlm_batch)
+from thinkdiff_nb.backbones import (description_messages, get_profile, icl_messages, ImageOnlyQwen2VLProcessor,
+                                    load_vlm, mini_vlm_config, mini_vlm_processor, vlm_answers, vlm_batch)
 from thinkdiff_nb.world import is_heldout_pair
 from thinkdiff_nb.loop import fit
 from thinkdiff_nb.pretrain import LookaheadVLM, VLMData, vlm_loss_fn

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_aligner.ipynb #3e322356
 from __future__ import annotations
-import json, pickle
+import pickle
 from pathlib import Path
 import torch, torch.nn as nn
 from safetensors import safe_open
@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from diffusers import ModelMixin, ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from transformers.models.t5.modeling_t5 import T5LayerNorm
-from .backbones import weight_files
+from .runtime import weight_files
 
 # %% auto #0
 __all__ = ['NORM_VARIANTS', 'T5_FINAL_NORM', 'READOUT_FILE', 'OFFICIAL_TO_OURS', 'OFFICIAL_FROZEN_ALIASES', 'Aligner',

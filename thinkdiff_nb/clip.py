@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, Blip2VisionModel, CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .world import AXES, THEMES, atomic_dir
-from .backbones import prepare_image, process_share, process_state, share_of, to_pixels, weight_files
+from .runtime import process_share, process_state, share_of, weight_files
+from .backbones import prepare_image, to_pixels
 from .aligner import Aligner, t5_aligner
 from .loop import fit
 from .pretrain import augment

@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 from .world import TASKS, THEMES, as_theme, atomic_dir, parse_pair, render, task_prompts
-from .backbones import process_share
+from .runtime import process_share
 from .judges import CobsatJudge
 from .methods import METHODS, aligners_needed
 from .inference import ThinkDiff, conditioning, draw, rendered_demonstrations, respond

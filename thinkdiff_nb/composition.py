@@ -11,7 +11,8 @@ from PIL import Image, ImageOps
 import torch
 from diffusers import CogVideoXPipeline
 from diffusers.utils import export_to_video
-from .backbones import Profile, as_profile, project_path
+from .runtime import project_path
+from .backbones import as_profile, Profile
 from .image_decoders import FluxDecoder
 
 # %% auto #0

@@ -11,7 +11,7 @@ import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .world import PHRASES, THEMES, display_word, oracle_prompt, render
-from .backbones import process_share
+from .runtime import process_share
 from .image_decoders import ImageDecoder
 from .clip import vision_tokens
 from .composition import flux_conditioning

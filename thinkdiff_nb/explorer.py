@@ -11,7 +11,7 @@ import numpy as np, torch
 import ipywidgets as W
 from PIL import Image
 from .world import SHOTS, TASKS, task_prompts
-from .backbones import Profile, as_profile, load_t5
+from .backbones import as_profile, load_t5, Profile
 from .methods import ALIGNER_METHODS, METHODS, aligners_needed
 from .inference import ThinkDiff, conditioning, read_back, rendered_demonstrations, respond
 from .aligner import load_aligner

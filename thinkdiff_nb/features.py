@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
-from .backbones import description_messages, process_state, vlm_batch
+from .runtime import process_state
+from .backbones import description_messages, vlm_batch
 
 # %% auto #0
 __all__ = ['SAMPLING_FIELDS', 'CAPTURES', 'MANIFEST', 'ENTRY', 'end_token_ids', 'vlm_generation_config', 'applied_generation',

@@ -10,7 +10,8 @@ import torch
 from .world import InContextPrompt, display_word
 from pathlib import Path
 from transformers.modeling_outputs import BaseModelOutput
-from .backbones import Profile, as_profile, icl_messages, load_vlm, project_path
+from .runtime import project_path
+from .backbones import as_profile, icl_messages, load_vlm, Profile
 from .image_decoders import ImageDecoder, load_image_decoder
 from .aligner import apply_readout, load_aligner, load_readout
 from .methods import ALIGNER_METHODS, METHODS, aligners_needed

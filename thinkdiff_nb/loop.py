@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from .backbones import process_state
+from .runtime import process_state
 
 # %% auto #0
 __all__ = ['atomic_torch_save', 'param_groups', 'write_loss_csv', 'FitResult', 'fit']

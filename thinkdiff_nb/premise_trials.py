@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from .world import TASKS, atomic_dir, parse_pair, task_prompts
-from .backbones import Profile, empty_pooled, flow_matching_loss, load_decoder, load_t5, load_vlm_processor, to_pixels
+from .image_decoders import flow_matching_loss
+from .backbones import empty_pooled, load_decoder, load_t5, load_vlm_processor, Profile, to_pixels
 from .backbones import TEXT_LENGTH
 from .loop import atomic_torch_save, fit
 from .pretrain import caption_table, t5_batch, t5_pairs

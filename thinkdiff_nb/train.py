@@ -11,12 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .backbones import prepare_image, process_share, process_state, share_of, to_pixels
+from .runtime import process_share, process_state, share_of
+from .backbones import prepare_image, to_pixels
 from .image_decoders import ImageDecoder
 from .aligner import Aligner, apply_readout, fit_readout, t5_aligner
 from .features import FeatureCache, cache_complete, extract_features
 from .loop import fit
-from .methods import ALIGNER_METHODS, aligner_method
+from .methods import aligner_method
 from .data import open_image_captions
 from .world import write_image_caption_set
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_world.ipynb #7e3c75fc
 from __future__ import annotations
-import json, os, random, re, shutil, tempfile
+import json, os, random, re, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np

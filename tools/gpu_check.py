@@ -16,7 +16,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from thinkdiff_nb.aligner import load_aligner  # noqa: E402
-from thinkdiff_nb.backbones import get_profile, load_t5, process_state, resolve_device, resolve_dtype  # noqa: E402
+from thinkdiff_nb.runtime import process_state, resolve_device, resolve_dtype
+from thinkdiff_nb.backbones import get_profile, load_t5  # noqa: E402
 from thinkdiff_nb.clip import load_vision, vision_tokens  # noqa: E402
 from thinkdiff_nb.cobsat import CobsatImages, evaluate_block, write_cobsat_folder  # noqa: E402
 from thinkdiff_nb.composition import image_text_video, load_video_pipeline, read_video  # noqa: E402
