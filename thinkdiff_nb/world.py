@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['AXES', 'DISPLAY_WORDS', 'THEMES', 'TASKS', 'SHOTS', 'SILHOUETTES', 'MIN_SIZE', 'SUPERSAMPLE', 'SUBJECT_COLORS',
-           'COLOR_RGB', 'ACTION_GROUNDS', 'ACTION_POSE', 'PAINTERS', 'PHRASES', 'FRAMES', 'display_word', 'check_value',
-           'Theme', 'as_theme', 'Task', 'cobsat_prompt_list', 'InContextPrompt', 'make_prompt', 'task_prompts',
-           'Nuisance', 'silhouette_mask', 'subject_layer', 'paint_color', 'paint_background', 'paint_style',
-           'paint_action', 'paint_texture', 'render', 'show_grid', 'min_pair_distance', 'describe', 'caption_variants',
-           'caption', 'parse_value', 'parse_pair', 'atomic_dir', 'write_image_caption_set', 'ImageCaptionSet',
-           'is_heldout_pair', 'icl_answer', 'oracle_prompt']
+           'COLOR_RGB', 'SCENES', 'STYLE_TREATMENTS', 'ACTION_GROUNDS', 'ACTION_POSE', 'PAINTERS', 'PHRASES', 'FRAMES',
+           'display_word', 'check_value', 'Theme', 'as_theme', 'Task', 'cobsat_prompt_list', 'InContextPrompt',
+           'make_prompt', 'task_prompts', 'Nuisance', 'silhouette_mask', 'subject_layer', 'paint_color',
+           'paint_background', 'paint_style', 'paint_action', 'paint_texture', 'render', 'show_grid',
+           'min_pair_distance', 'describe', 'caption_variants', 'caption', 'parse_value', 'parse_pair', 'atomic_dir',
+           'write_image_caption_set', 'ImageCaptionSet', 'is_heldout_pair', 'icl_answer', 'oracle_prompt']
 
 # %% ../nbs/00_world.ipynb #0af16c7e
 AXES = {
@@ -295,48 +295,75 @@ def paint_color(subject, color, n, nz):
     return _blend(canvas, np.clip(fill, 0, 1), mask)
 
 # %% ../nbs/00_world.ipynb #70719e46
+def _scene_beach(n, u, v, p):
+    "The beach scene, (n, n, 3)."
+    img = _vgrad(n, (0.5, 0.75, 1.0), (0.75, 0.9, 1.0))
+    img = _blend(img, _fill(n, (0.05, 0.45, 0.8)), (v > 0.55) & (v < 0.68))
+    return _blend(img, _fill(n, (0.95, 0.85, 0.55)), v >= 0.68)
+
+def _scene_desert(n, u, v, p):
+    "The desert scene, (n, n, 3)."
+    img = _vgrad(n, (1.0, 0.7, 0.3), (1.0, 0.85, 0.5))
+    img = _blend(img, _fill(n, (1.0, 1.0, 0.6)), ((u - 0.85) ** 2 + (v - 0.15) ** 2 < 0.01))
+    return _blend(img, _fill(n, (0.8, 0.5, 0.2)), v > 0.65 + 0.06 * np.sin(12 * u + 6 * p))
+
+def _scene_glacier(n, u, v, p):
+    "The glacier scene, (n, n, 3)."
+    img = _fill(n, (0.75, 0.93, 1.0))
+    return _blend(img, _fill(n, (0.97, 1.0, 1.0)), v > 0.55 + 0.15 * np.abs(((u * 4 + p) % 1) - 0.5))
+
+def _scene_volcano(n, u, v, p):
+    "The volcano scene, (n, n, 3)."
+    img = _vgrad(n, (0.35, 0.08, 0.05), (0.15, 0.1, 0.1))
+    cone = v > 0.25 + 1.3 * np.abs(u - 0.5)
+    img = _blend(img, _fill(n, (0.25, 0.22, 0.2)), cone)
+    return _blend(img, _fill(n, (1.0, 0.35, 0.0)), cone * (v < 0.35))
+
+def _scene_park(n, u, v, p):
+    "The park scene, (n, n, 3)."
+    img = _vgrad(n, (0.55, 0.8, 1.0), (0.7, 0.9, 1.0))
+    r = np.sqrt((u - 0.2) ** 2 + (v - 0.3) ** 2)
+    img = _blend(img, _fill(n, (0.9, 0.1, 0.5)), np.abs(r - 0.18) < 0.03)
+    return _blend(img, _fill(n, (0.25, 0.7, 0.2)), v > 0.75)
+
+def _scene_gym(n, u, v, p):
+    "The gym scene, (n, n, 3)."
+    img = _blend(_fill(n, (0.7, 0.7, 0.72)), _fill(n, (0.45, 0.45, 0.5)), _stripes(v + p * 0.1, 0.12, 0.3))
+    return _blend(img, _fill(n, (0.8, 0.55, 0.3)) * (0.9 + 0.1 * _stripes(u, 0.1))[..., None], v > 0.75)
+
+def _scene_waterfall(n, u, v, p):
+    "The waterfall scene, (n, n, 3)."
+    img = _blend(_fill(n, (0.3, 0.55, 0.9)), _fill(n, (0.92, 0.97, 1.0)), _stripes(u + p * 0.1, 0.08, 0.45))
+    return _blend(img, _fill(n, (0.2, 0.45, 0.15)), (u < 0.1) | (u > 0.9))
+
+def _scene_space(n, u, v, p):
+    "The space scene, (n, n, 3)."
+    img = _blend(_fill(n, (0.02, 0.02, 0.08)), _fill(n, (1.0, 1.0, 1.0)), _dots(n, 0.16, 0.02, p))
+    return _blend(img, _fill(n, (0.9, 0.5, 0.2)), ((u - 0.85) ** 2 + (v - 0.85) ** 2 < 0.015))
+
+def _scene_cave(n, u, v, p):
+    "The cave scene, (n, n, 3)."
+    img = _fill(n, (0.22, 0.14, 0.08))
+    stal = v < 0.2 * (1 - np.abs(((u * 5 + p) % 1) - 0.5) * 2)
+    return _blend(_blend(img, _fill(n, (0.45, 0.35, 0.25)), stal), _fill(n, (0.3, 0.22, 0.15)), v > 0.85)
+
+def _scene_seafloor(n, u, v, p):
+    "The seafloor scene, (n, n, 3)."
+    img = _vgrad(n, (0.0, 0.3, 0.55), (0.0, 0.15, 0.35))
+    img = _blend(img, _fill(n, (0.6, 0.85, 1.0)), _dots(n, 0.22, 0.03, p) * (v < 0.6))
+    return _blend(img, _fill(n, (0.85, 0.75, 0.5)), v > 0.82)
+
+SCENES = {"beach": _scene_beach, "desert": _scene_desert, "glacier": _scene_glacier, "volcano": _scene_volcano,
+          "park": _scene_park, "gym": _scene_gym, "waterfall": _scene_waterfall, "space": _scene_space,
+          "cave": _scene_cave, "seafloor": _scene_seafloor}
+
+
+# %% ../nbs/00_world.ipynb #5006217f
 def _scene(background, n, nz):
     "The scene of a background value, (n, n, 3)."
-    u, v = _grid(n); p = nz.phase
-    if background == "beach":
-        img = _vgrad(n, (0.5, 0.75, 1.0), (0.75, 0.9, 1.0))
-        img = _blend(img, _fill(n, (0.05, 0.45, 0.8)), (v > 0.55) & (v < 0.68))
-        return _blend(img, _fill(n, (0.95, 0.85, 0.55)), v >= 0.68)
-    if background == "desert":
-        img = _vgrad(n, (1.0, 0.7, 0.3), (1.0, 0.85, 0.5))
-        img = _blend(img, _fill(n, (1.0, 1.0, 0.6)), ((u - 0.85) ** 2 + (v - 0.15) ** 2 < 0.01))
-        return _blend(img, _fill(n, (0.8, 0.5, 0.2)), v > 0.65 + 0.06 * np.sin(12 * u + 6 * p))
-    if background == "glacier":
-        img = _fill(n, (0.75, 0.93, 1.0))
-        return _blend(img, _fill(n, (0.97, 1.0, 1.0)), v > 0.55 + 0.15 * np.abs(((u * 4 + p) % 1) - 0.5))
-    if background == "volcano":
-        img = _vgrad(n, (0.35, 0.08, 0.05), (0.15, 0.1, 0.1))
-        cone = v > 0.25 + 1.3 * np.abs(u - 0.5)
-        img = _blend(img, _fill(n, (0.25, 0.22, 0.2)), cone)
-        return _blend(img, _fill(n, (1.0, 0.35, 0.0)), cone * (v < 0.35))
-    if background == "park":
-        img = _vgrad(n, (0.55, 0.8, 1.0), (0.7, 0.9, 1.0))
-        r = np.sqrt((u - 0.2) ** 2 + (v - 0.3) ** 2)
-        img = _blend(img, _fill(n, (0.9, 0.1, 0.5)), np.abs(r - 0.18) < 0.03)
-        return _blend(img, _fill(n, (0.25, 0.7, 0.2)), v > 0.75)
-    if background == "gym":
-        img = _blend(_fill(n, (0.7, 0.7, 0.72)), _fill(n, (0.45, 0.45, 0.5)), _stripes(v + p * 0.1, 0.12, 0.3))
-        return _blend(img, _fill(n, (0.8, 0.55, 0.3)) * (0.9 + 0.1 * _stripes(u, 0.1))[..., None], v > 0.75)
-    if background == "waterfall":
-        img = _blend(_fill(n, (0.3, 0.55, 0.9)), _fill(n, (0.92, 0.97, 1.0)), _stripes(u + p * 0.1, 0.08, 0.45))
-        return _blend(img, _fill(n, (0.2, 0.45, 0.15)), (u < 0.1) | (u > 0.9))
-    if background == "space":
-        img = _blend(_fill(n, (0.02, 0.02, 0.08)), _fill(n, (1.0, 1.0, 1.0)), _dots(n, 0.16, 0.02, p))
-        return _blend(img, _fill(n, (0.9, 0.5, 0.2)), ((u - 0.85) ** 2 + (v - 0.85) ** 2 < 0.015))
-    if background == "cave":
-        img = _fill(n, (0.22, 0.14, 0.08))
-        stal = v < 0.2 * (1 - np.abs(((u * 5 + p) % 1) - 0.5) * 2)
-        return _blend(_blend(img, _fill(n, (0.45, 0.35, 0.25)), stal), _fill(n, (0.3, 0.22, 0.15)), v > 0.85)
-    if background == "seafloor":
-        img = _vgrad(n, (0.0, 0.3, 0.55), (0.0, 0.15, 0.35))
-        img = _blend(img, _fill(n, (0.6, 0.85, 1.0)), _dots(n, 0.22, 0.03, p) * (v < 0.6))
-        return _blend(img, _fill(n, (0.85, 0.75, 0.5)), v > 0.82)
-    raise ValueError(f"unknown background {background!r}")
+    if background not in SCENES: raise ValueError(f"unknown background {background!r}")
+    u, v = _grid(n)
+    return SCENES[background](n, u, v, nz.phase)
 
 def paint_background(subject, background, n, nz):
     "Background theme: the animal in its natural look, outlined, in front of the scene."
@@ -351,54 +378,80 @@ def _pixelate(img, blocks: int):
     small = Image.fromarray((img * 255).astype(np.uint8)).resize((blocks, blocks), Image.BOX)
     return np.asarray(small.resize((n, n), Image.NEAREST), np.float32) / 255
 
+# %% ../nbs/00_world.ipynb #67df0a19
+def _style_watercolor(n, nz, u, v, mask, base, line, edge):
+    "The watercolor treatment, (n, n, 3)."
+    soft = _blur(mask, n / 40)
+    wash = np.clip(0.45 + 0.55 * base + 0.12 * np.sin(9 * u + 7 * v + 6 * nz.phase)[..., None], 0, 1)
+    return _blend(_fill(n, (0.98, 0.96, 0.9)), wash, soft * 0.85)
+
+def _style_sketch(n, nz, u, v, mask, base, line, edge):
+    "The sketch treatment, (n, n, 3)."
+    hatch = _stripes(u + v + nz.phase * 0.1, 0.09, 0.3) * mask
+    img = _blend(_fill(n, (0.97, 0.97, 0.95)), _fill(n, (0.55, 0.55, 0.55)), hatch)
+    return _blend(img, _fill(n, (0.1, 0.1, 0.1)), edge)
+
+def _style_pixel(n, nz, u, v, mask, base, line, edge):
+    "The pixel treatment, (n, n, 3)."
+    return _pixelate(_blend(_fill(n, (0.55, 0.85, 0.55)), np.clip(base * 1.1, 0, 1), mask), 12)
+
+def _style_origami(n, nz, u, v, mask, base, line, edge):
+    "The origami treatment, (n, n, 3)."
+    folds = np.where(((np.arctan2(v - 0.5, u - 0.5) + np.pi) / (np.pi / 3)).astype(int) % 2 == 0, 1.15, 0.7)
+    img = _blend(_fill(n, (0.9, 0.88, 0.8)), np.clip(base * folds[..., None], 0, 1), mask)
+    return _blend(img, _fill(n, (0.4, 0.4, 0.4)), edge * 0.6)
+
+def _style_lego(n, nz, u, v, mask, base, line, edge):
+    "The lego treatment, (n, n, 3)."
+    block = _pixelate(np.repeat(mask[..., None], 3, -1), 16)[..., 0] > 0.5
+    studs = _dots(n, 0.125, 0.035, stagger=False)
+    brick = np.clip(base * (1 + 0.35 * studs)[..., None], 0, 1)
+    return _blend(_fill(n, (0.85, 0.85, 0.85)), brick, block.astype(np.float32))
+
+def _style_icon(n, nz, u, v, mask, base, line, edge):
+    "The icon treatment, (n, n, 3)."
+    tile = (np.abs(u - 0.5) < 0.46) & (np.abs(v - 0.5) < 0.46)
+    img = _blend(_fill(n, (1.0, 1.0, 1.0)), _fill(n, (0.85, 0.92, 1.0)), tile)
+    img = _blend(img, _fill(n, (0.0, 0.0, 0.0)), _outline(mask, 2 * line))
+    return _blend(img, base, mask)
+
+def _style_graffiti(n, nz, u, v, mask, base, line, edge):
+    "The graffiti treatment, (n, n, 3)."
+    bricks = _stripes(v, 0.125, 0.85) * _stripes(u + 0.5 * (np.floor(v / 0.125) % 2) * 0.25, 0.25, 0.9)
+    img = _blend(_fill(n, (0.85, 0.8, 0.75)), _fill(n, (0.7, 0.25, 0.15)), bricks)
+    img = _blend(img, _fill(n, (1.0, 0.0, 0.9)), _outline(mask, 2 * line))
+    return _blend(img, np.clip(base * 0.5 + _rgb(0.2, 0.5, 0.0), 0, 1), mask)
+
+def _style_futuristic(n, nz, u, v, mask, base, line, edge):
+    "The futuristic treatment, (n, n, 3)."
+    img = _blend(_fill(n, (0.03, 0.03, 0.15)), _fill(n, (0.0, 0.8, 1.0)), _stripes(v + nz.phase * 0.05, 0.1, 0.15) * (v > 0.7))
+    img = _blend(img, _fill(n, (0.0, 1.0, 1.0)), _outline(mask, line))
+    return _blend(img, np.clip(base * 0.35 + _rgb(0.15, 0.15, 0.25), 0, 1), mask)
+
+def _style_3d(n, nz, u, v, mask, base, line, edge):
+    "The 3d treatment, (n, n, 3)."
+    wires = np.maximum(_stripes(u + nz.phase * 0.05, 0.1, 0.25), _stripes(v, 0.1, 0.25)) * mask
+    return _blend(_fill(n, (0.0, 0.0, 0.0)), _fill(n, (0.2, 1.0, 0.3)), np.maximum(wires, edge))
+
+def _style_old(n, nz, u, v, mask, base, line, edge):
+    "The old treatment, (n, n, 3)."
+    gray = (base @ _rgb(0.3, 0.59, 0.11)) * 0.5 + 0.15
+    sepia = np.clip(_rgb(1.0, 0.8, 0.55) * gray, 0, 1)
+    img = _blend(_blend(_fill(n, (0.85, 0.75, 0.55)), _fill(n, (0.25, 0.15, 0.05)), edge), sepia, mask)
+    vignette = 1 - 0.9 * ((u - 0.5) ** 2 + (v - 0.5) ** 2)
+    return np.clip(img * vignette[..., None], 0, 1)
+
+STYLE_TREATMENTS = {"watercolor": _style_watercolor, "sketch": _style_sketch, "pixel": _style_pixel,
+                    "origami": _style_origami, "lego": _style_lego, "icon": _style_icon, "graffiti": _style_graffiti,
+                    "futuristic": _style_futuristic, "3d": _style_3d, "old": _style_old}
+
+# %% ../nbs/00_world.ipynb #74e3ba43
 def paint_style(subject, style, n, nz):
     "Style theme: one rendering treatment per style, applied to subject and ground together."
+    if style not in STYLE_TREATMENTS: raise ValueError(f"unknown style {style!r}")
     mask = silhouette_mask(subject, n, nz)
     u, v = _grid(n); base = _rgb(*SUBJECT_COLORS[subject]); line = max(1, n // 64)
-    edge = _outline(mask, line)
-    if style == "watercolor":
-        soft = _blur(mask, n / 40)
-        wash = np.clip(0.45 + 0.55 * base + 0.12 * np.sin(9 * u + 7 * v + 6 * nz.phase)[..., None], 0, 1)
-        return _blend(_fill(n, (0.98, 0.96, 0.9)), wash, soft * 0.85)
-    if style == "sketch":
-        hatch = _stripes(u + v + nz.phase * 0.1, 0.09, 0.3) * mask
-        img = _blend(_fill(n, (0.97, 0.97, 0.95)), _fill(n, (0.55, 0.55, 0.55)), hatch)
-        return _blend(img, _fill(n, (0.1, 0.1, 0.1)), edge)
-    if style == "pixel":
-        return _pixelate(_blend(_fill(n, (0.55, 0.85, 0.55)), np.clip(base * 1.1, 0, 1), mask), 12)
-    if style == "origami":
-        folds = np.where(((np.arctan2(v - 0.5, u - 0.5) + np.pi) / (np.pi / 3)).astype(int) % 2 == 0, 1.15, 0.7)
-        img = _blend(_fill(n, (0.9, 0.88, 0.8)), np.clip(base * folds[..., None], 0, 1), mask)
-        return _blend(img, _fill(n, (0.4, 0.4, 0.4)), edge * 0.6)
-    if style == "lego":
-        block = _pixelate(np.repeat(mask[..., None], 3, -1), 16)[..., 0] > 0.5
-        studs = _dots(n, 0.125, 0.035, stagger=False)
-        brick = np.clip(base * (1 + 0.35 * studs)[..., None], 0, 1)
-        return _blend(_fill(n, (0.85, 0.85, 0.85)), brick, block.astype(np.float32))
-    if style == "icon":
-        tile = (np.abs(u - 0.5) < 0.46) & (np.abs(v - 0.5) < 0.46)
-        img = _blend(_fill(n, (1.0, 1.0, 1.0)), _fill(n, (0.85, 0.92, 1.0)), tile)
-        img = _blend(img, _fill(n, (0.0, 0.0, 0.0)), _outline(mask, 2 * line))
-        return _blend(img, base, mask)
-    if style == "graffiti":
-        bricks = _stripes(v, 0.125, 0.85) * _stripes(u + 0.5 * (np.floor(v / 0.125) % 2) * 0.25, 0.25, 0.9)
-        img = _blend(_fill(n, (0.85, 0.8, 0.75)), _fill(n, (0.7, 0.25, 0.15)), bricks)
-        img = _blend(img, _fill(n, (1.0, 0.0, 0.9)), _outline(mask, 2 * line))
-        return _blend(img, np.clip(base * 0.5 + _rgb(0.2, 0.5, 0.0), 0, 1), mask)
-    if style == "futuristic":
-        img = _blend(_fill(n, (0.03, 0.03, 0.15)), _fill(n, (0.0, 0.8, 1.0)), _stripes(v + nz.phase * 0.05, 0.1, 0.15) * (v > 0.7))
-        img = _blend(img, _fill(n, (0.0, 1.0, 1.0)), _outline(mask, line))
-        return _blend(img, np.clip(base * 0.35 + _rgb(0.15, 0.15, 0.25), 0, 1), mask)
-    if style == "3d":
-        wires = np.maximum(_stripes(u + nz.phase * 0.05, 0.1, 0.25), _stripes(v, 0.1, 0.25)) * mask
-        return _blend(_fill(n, (0.0, 0.0, 0.0)), _fill(n, (0.2, 1.0, 0.3)), np.maximum(wires, edge))
-    if style == "old":
-        gray = (base @ _rgb(0.3, 0.59, 0.11)) * 0.5 + 0.15
-        sepia = np.clip(_rgb(1.0, 0.8, 0.55) * gray, 0, 1)
-        img = _blend(_blend(_fill(n, (0.85, 0.75, 0.55)), _fill(n, (0.25, 0.15, 0.05)), edge), sepia, mask)
-        vignette = 1 - 0.9 * ((u - 0.5) ** 2 + (v - 0.5) ** 2)
-        return np.clip(img * vignette[..., None], 0, 1)
-    raise ValueError(f"unknown style {style!r}")
+    return STYLE_TREATMENTS[style](n=n, nz=nz, u=u, v=v, mask=mask, base=base, line=line, edge=_outline(mask, line))
 
 # %% ../nbs/00_world.ipynb #084452f1
 ACTION_GROUNDS = {"swim": (0.75, 0.9, 1.0), "sleep": (0.08, 0.08, 0.3), "sing": (1.0, 0.85, 0.95), "run": (0.95, 0.95, 0.8),
