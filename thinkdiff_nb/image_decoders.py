@@ -16,7 +16,7 @@ from .backbones import TEXT_LENGTH
 
 # %% auto #0
 __all__ = ['pack_pixels', 'unpack_pixels', 'image_ids', 'decoder_velocity', 'share_randn', 'flow_matching_loss', 'sample_images',
-           'ImageDecoder', 'PixelDecoder', 'FluxDecoder', 'load_image_decoder']
+           'ImageDecoder', 'PixelDecoder', 'flux_packed_latents', 'flux_velocity', 'FluxDecoder', 'load_image_decoder']
 
 # %% ../nbs/01a_image_decoders.ipynb #c7daf3b4
 def pack_pixels(images: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
@@ -125,6 +125,26 @@ class PixelDecoder(ImageDecoder):
     def flow_loss(self, pixels, embeds, pooled, generator, share=(0, 1)):
         return flow_matching_loss(self.transformer, pixels, embeds, pooled, generator=generator, share=share)
 
+# %% ../nbs/01a_image_decoders.ipynb #9c371a49
+@torch.no_grad()
+def flux_packed_latents(pipe: FluxPipeline, pixels: torch.Tensor, device) -> tuple[torch.Tensor, int, int]:
+    "FLUX's packed VAE latents (B, h/2 * w/2, 4c) of pixels (B, 3, H, W) in [-1, 1], and the latent grid (h, w)."
+    vae = pipe.vae.config
+    latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mode()
+    latents = ((latents - vae.shift_factor) * vae.scaling_factor).to(pipe.transformer.dtype)  # (B, 16, h, w)
+    b, c, h, w = latents.shape
+    return pipe._pack_latents(latents, b, c, h, w), h, w
+
+def flux_velocity(pipe: FluxPipeline, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+                  grid: tuple[int, int],  # the latent grid (h, w) that x_t packs
+                  guidance: float) -> torch.Tensor:
+    "FLUX's predicted velocity for packed latents x_t (B, N, 4c) at times t (B,), read from prompt embeds (B, L, d)."
+    device, dtype, (h, w), b = x_t.device, pipe.transformer.dtype, grid, len(x_t)
+    distilled = torch.full((b,), guidance, device=device) if pipe.transformer.config.guidance_embeds else None
+    return pipe.transformer(hidden_states=x_t, timestep=t, guidance=distilled, pooled_projections=pooled.to(device, dtype),
+                            encoder_hidden_states=embeds.to(device, dtype), txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
+                            img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype), return_dict=False)[0]
+
 # %% ../nbs/01a_image_decoders.ipynb #0a4b80d6
 class FluxDecoder(ImageDecoder):
     "FLUX.1-dev (or any FluxPipeline folder) drawing from T5-space prompt embeds."
@@ -156,20 +176,12 @@ class FluxDecoder(ImageDecoder):
                         guidance_scale=guidance or self.default_guidance, generator=generators, output_type="np")
         return (out.images * 255).round().astype(np.uint8)  # as the pipeline's own numpy_to_pil rounds
     def flow_loss(self, pixels, embeds, pooled, generator, share=(0, 1)):
-        pipe, dtype, device = self.pipe, self.pipe.transformer.dtype, self.device
-        vae = pipe.vae.config
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mode()
-            latents = ((latents - vae.shift_factor) * vae.scaling_factor).to(dtype)  # (B, 16, h, w)
-        b, c, h, w = latents.shape
-        x0 = pipe._pack_latents(latents, b, c, h, w)  # (B, h/2 * w/2, 4c)
+        device, dtype = self.device, self.pipe.transformer.dtype
+        x0, h, w = flux_packed_latents(self.pipe, pixels, device)  # (B, h/2 * w/2, 4c)
         noise = share_randn(x0.shape, generator, share).to(device, dtype)
-        t = torch.sigmoid(share_randn((b,), generator, share)).to(device, dtype)
+        t = torch.sigmoid(share_randn((len(x0),), generator, share)).to(device, dtype)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        guidance = torch.full((b,), self.default_guidance, device=device) if pipe.transformer.config.guidance_embeds else None
-        v = pipe.transformer(hidden_states=x_t, timestep=t, guidance=guidance, pooled_projections=pooled.to(device, dtype),
-                             encoder_hidden_states=embeds.to(device, dtype), txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
-                             img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype), return_dict=False)[0]
+        v = flux_velocity(self.pipe, x_t, t, embeds, pooled, (h, w), self.default_guidance)
         return F.mse_loss(v.float(), (noise - x0).float())
 
 # %% ../nbs/01a_image_decoders.ipynb #a14f7f37
