@@ -1,9 +1,10 @@
 """The docs site (`make docs`) in a real browser: every page, results pages included, loads from loopback with its title,
-its figures decode, maths renders with the site's own KaTeX, and no request fails, errs or leaves 127.0.0.1."""
-import functools, http.server, json, os, shutil, subprocess, sys, threading
+its figures decode, maths renders with the site's own KaTeX, no table on a prose page is wider than its box, and no
+request fails, errs or leaves 127.0.0.1. Every notebook's page shows the outputs the notebook stores."""
+import ast, functools, html, http.server, importlib.util, json, os, re, shutil, subprocess, sys, threading
 from pathlib import Path
 from urllib.parse import urlsplit
-import pytest, yaml
+import nbformat, pytest, yaml
 
 pytestmark = pytest.mark.slow  # the whole site built and loaded in chromium
 
@@ -16,6 +17,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # the quickest pipeline notebook that draws a figure: about 17 s with these settings, kernel start-up included
 RESULTS_NB = "06_generate"
 RESULTS_SETTINGS = {"samples": 1, "methods": ["thinkdiff"], "sample_steps": 2, "judge": "none"}
+# the pages of prose, whose tables must fit the page's column (no part of them scrolled out of sight)
+PROSE_PAGES = ["index.html", "provenance.html", "findings.html", "paper_scale.html", "tooling.html"]
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -93,12 +96,16 @@ def test_results_page_is_cleaned(site):
     assert [o for o in outs if "image/png" in o.get("data", {})], "the executed notebook has no inline figure"
 
 
-# each page's heading, title, images and maths, read once it has loaded and its fonts are ready
+# each page's heading, title, images, maths and tables (each one's width, and its box's visible and scrolled widths),
+# read once it has loaded and its fonts are ready
 PAGE_STATE = """async () => { await document.fonts.ready; return {
   heading: (document.querySelector('h1') || {innerText: ''}).innerText.trim(), title: document.title,
   images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
   maths: document.querySelectorAll('.math .katex').length,
-  katexFonts: [...document.fonts].filter(f => f.family.includes('KaTeX') && f.status === 'loaded').length}; }"""
+  katexFonts: [...document.fonts].filter(f => f.family.includes('KaTeX') && f.status === 'loaded').length,
+  tables: [...document.querySelectorAll('table')].map(t => ({width: Math.ceil(t.getBoundingClientRect().width),
+    box: t.parentElement.clientWidth, scrolled: t.parentElement.scrollWidth,
+    head: (t.querySelector('th') || {innerText: ''}).innerText.trim()}))}; }"""
 
 
 def is_loopback(url: str) -> bool:
@@ -136,6 +143,10 @@ def test_every_page_in_chromium(site):
         assert s["heading"] and s["title"].startswith(s["heading"]), f"{name}: title {s['title']!r}, heading {s['heading']!r}"
         assert all(s["images"]), f"{name}: {s['images'].count(False)} of {len(s['images'])} images did not decode"
     assert seen["index.html"]["heading"] == "thinkdiff_nb"
+    assert seen["index.html"]["tables"], "the home page has no table"
+    for name in PROSE_PAGES:
+        wide = [t for t in seen[name]["tables"] if max(t["width"], t["scrolled"]) > t["box"]]
+        assert not wide, f"{name}: tables wider than their box, their right-hand columns out of sight: {wide}"
     headings = [s["heading"] for s in seen.values()]
     assert len(set(headings)) == len(headings), f"pages share a heading: {sorted(h for h in headings if headings.count(h) > 1)}"
     results = seen[f"results/{RESULTS_NB}.html"]
@@ -144,3 +155,58 @@ def test_every_page_in_chromium(site):
     assert with_maths, "no page renders maths with KaTeX"
     assert all(s["katexFonts"] for s in with_maths.values()), f"KaTeX's fonts not loaded on {sorted(with_maths)}"
     assert any("/site_libs/katex/fonts/" in u for u in requests), "KaTeX's fonts do not come from the site"
+
+
+@functools.cache
+def tool(name: str):
+    "A script of tools/ as a module."
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rerun_by_nbdev(code: str) -> bool:
+    "Whether `nbdev-proc-nbs` runs a cell again for the docs (it imports, or calls show_doc), replacing what it stored."
+    try: tree = ast.parse(code)
+    except SyntaxError: return False  # magics: left as stored
+    return "show_doc" in code or any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree))
+
+
+def shown_outputs(path: Path) -> list:
+    "The stored outputs a notebook's page shows as stored: of its shown code cells that nbdev does not run again."
+    readme, clean_outputs = tool("readme"), tool("build_docs").clean_outputs
+    outs = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        d = readme.directives(cell.source) if cell.cell_type == "code" else {"hide": "true"}
+        hidden = d.keys() & {"hide", "export", "exporti"}  # nbdev shows no exported code, only its show_doc
+        if hidden or any(d.get(k, "").lower() == "false" for k in ("include", "output")): continue
+        if rerun_by_nbdev(readme.code_of(cell.source)): continue
+        clean_outputs(cell)
+        outs += cell.outputs
+    return outs
+
+
+def marks(out) -> list[str]:
+    "What a page that shows an output holds verbatim: a picture's base64, or the first line of its text, escaped."
+    data = out.get("data", {})
+    if "image/png" in data: return ["".join(data["image/png"]).strip()]
+    text = "".join(out.get("text", "") if out.get("output_type") == "stream" else
+                   data.get("text/plain", "") if not data.keys() & {"text/html", "text/markdown", "text/latex"} else "")
+    first = next((line for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()), None)
+    return [html.escape(first)] if first else []
+
+
+def test_pages_show_stored_outputs(site):
+    "Each notebook that stores outputs (its demos' figures, tables, printed values), 02a_aligner too, shows them."
+    tmp, _ = site
+    stored = {}
+    for path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        outs, page = shown_outputs(path), (tmp / "_docs" / f"{path.stem}.html").read_text()
+        if not outs: continue
+        stored[path.stem] = sum("image/png" in o.get("data", {}) for o in outs)
+        assert page.count('class="cell-output') >= len(outs), f"{path.stem}.html shows fewer outputs than it stores"
+        missing = [m[:80] for o in outs for m in marks(o) if m not in page]
+        assert not missing, f"{path.stem}.html lacks outputs its notebook stores: {missing}"
+    assert stored, "no notebook stores outputs: run the library notebooks and keep their outputs"
+    assert sum(stored.values()), "no notebook stores a figure, so none is checked on its page"

@@ -1,5 +1,6 @@
-"""The docs site from nbdev's processed notebooks (`_proc/`, after `nbdev-proc-nbs`): the executed notebooks of a
-`make reproduce` run become results pages, smalldocs renders the project, and KaTeX is served from the site.
+"""The docs site from nbdev's processed notebooks (`_proc/`, after `nbdev-proc-nbs`): each notebook's page shows its
+stored outputs without stderr or progress bars, the executed notebooks of a `make reproduce` run become results pages,
+smalldocs renders the project, and KaTeX is served from the site.
 
     python tools/build_docs.py [--run outputs/<run-id>] [--proc _proc] [--out _docs]
 """
@@ -151,6 +152,22 @@ def add_results(proc: Path, nbs: Path, run: Path | None) -> list[str]:
     return written
 
 
+# ---- the notebooks' own pages
+
+def clean_pages(proc: Path) -> list[str]:
+    "Drop stderr and progress bars from the outputs `proc`'s notebooks store, as on results pages; the ones changed."
+    changed = []
+    for path in sorted(proc.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        before = nbformat.writes(nb)
+        for c in nb.cells:
+            if c.cell_type == "code": clean_outputs(c)
+        if nbformat.writes(nb) != before:
+            nbformat.write(nb, path)
+            changed.append(path.name)
+    return changed
+
+
 # ---- KaTeX from the site
 
 def katex_dist() -> Path:
@@ -189,6 +206,7 @@ def localise_katex(site: Path) -> int:
 
 def build(proc: Path, out: Path, run: Path | None, nbs: Path = ROOT / "nbs") -> list[str]:
     "Results pages, smalldocs and local KaTeX: the site in `out`; the results pages written."
+    clean_pages(proc)  # each page shows its notebook's stored outputs, figures included, without stderr or progress bars
     written = add_results(proc, nbs, run)
     if smalldocs_cli.main(["render", str(proc)]): raise SystemExit("smalldocs could not render the site")
     localise_katex(proc / "_docs")
