@@ -19,7 +19,8 @@ def hand_forward(x: torch.Tensor, t: dict) -> torch.Tensor:
 
 def assert_holds(aligner: Aligner, t: dict):
     ours = aligner.state_dict()
-    for official, mine in ((W0, "mlp.0.weight"), (B0, "mlp.0.bias"), (W2, "mlp.2.weight"), (B2, "mlp.2.bias"), (NORM, "rms_norm.weight")):
+    for official, mine in ((W0, "mlp.0.weight"), (B0, "mlp.0.bias"), (W2, "mlp.2.weight"), (B2, "mlp.2.bias"),
+                           (NORM, "rms_norm.weight")):
         assert ours[mine].dtype == t[official].dtype and torch.equal(ours[mine], t[official]), mine
     assert set(ours) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "rms_norm.weight"}
 
@@ -34,7 +35,8 @@ class Marker:
 
 @pytest.fixture(scope="module")
 def lvlm(tmp_path_factory):
-    "A ThinkDiff-LVLM-sized checkpoint (3584 -> 4096 -> 4096, fp32) in the runner's layout, with the tied T5 embedding alias."
+    ("A ThinkDiff-LVLM-sized checkpoint (3584 -> 4096 -> 4096, fp32) in the runner's layout, with the tied T5 "
+     "embedding alias.")
     t = projector(3584)
     path = write_official(tmp_path_factory.mktemp("release") / "thinkdiff_lvlm.pth",
                           {**t, TIED_ALIAS: torch.randn(16, 4096).bfloat16()})
@@ -44,7 +46,8 @@ def lvlm(tmp_path_factory):
 def test_file_is_plain_runner_layout(lvlm):
     path, t = lvlm
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert {k: type(v) for k, v in raw.items()} == {"model": dict, "optimizer": dict, "config": dict, "scaler": dict, "epoch": int}
+    assert {k: type(v) for k, v in raw.items()} == {"model": dict, "optimizer": dict, "config": dict, "scaler": dict,
+                                                    "epoch": int}
     assert sum(t[k].numel() for k in (W0, B0, W2, B2, NORM)) == 31_469_568
     assert 126e6 < path.stat().st_size < 127e6  # 31.5M fp32 values, the size of the projector alone
 
@@ -74,21 +77,27 @@ def test_forward_matches_hand_computation(lvlm):
     # the comparison is sharp enough to tell the tanh GELU or a norm without its weight apart
     h = x @ t[W0].T + t[B0]
     y = nn.functional.gelu(h, approximate="tanh") @ t[W2].T + t[B2]
-    assert not torch.allclose(got, t[NORM] * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, t[NORM] * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6), rtol=1e-5,
+                              atol=1e-5)
     assert not torch.allclose(got, want / t[NORM], rtol=1e-3, atol=1e-3)
 
 
 def test_clip_shaped_file(tmp_path):
     t = projector(1408, seed=2)
-    aliases = {"language_model.encoder.embed_tokens.weight": torch.randn(8, 4096).bfloat16(), TIED_ALIAS: torch.randn(8, 4096).bfloat16()}
+    aliases = {"language_model.encoder.embed_tokens.weight": torch.randn(8, 4096).bfloat16(),
+               TIED_ALIAS: torch.randn(8, 4096).bfloat16()}
     path = write_official(tmp_path / "thinkdiff_clip.pth", {**t, **aliases})
     aligner = Aligner.from_official(path)
     assert (aligner.config.d_vlm, aligner.config.d_t5) == (1408, 4096)
     assert_holds(aligner, t)
     assert_holds(Aligner.from_official(path, d_vlm=1408, d_t5=4096), t)
-    with pytest.raises(ValueError, match=r"mm_projector\.0\.weight has shape \(4096, 1408\): its input width 1408 does not match d_vlm=3584"):
+    with pytest.raises(ValueError,
+                       match=r"mm_projector\.0\.weight has shape \(4096, 1408\): its input width 1408 does not match "
+                             r"d_vlm=3584"):
         Aligner.from_official(path, d_vlm=3584)
-    with pytest.raises(ValueError, match=r"mm_projector\.2\.weight has shape \(4096, 4096\): its output width 4096 does not match d_t5=2048"):
+    with pytest.raises(ValueError,
+                       match=r"mm_projector\.2\.weight has shape \(4096, 4096\): its output width 4096 does not match "
+                             r"d_t5=2048"):
         Aligner.from_official(path, d_t5=2048)
 
 
@@ -119,7 +128,8 @@ def test_norm_none(small, tmp_path):
 
 def test_wrong_key_name(small, tmp_path):
     bad = {(W0.replace(".0.", ".1.") if k == W0 else k): v for k, v in small.items()}
-    with pytest.raises(ValueError, match=r"missing \['mm_projector\.0\.weight'\], unexpected \['mm_projector\.1\.weight'\]"):
+    with pytest.raises(ValueError,
+                       match=r"missing \['mm_projector\.0\.weight'\], unexpected \['mm_projector\.1\.weight'\]"):
         Aligner.from_official(write_official(tmp_path / "wrong_key.pth", bad))
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (AutoTokenizer, AutoProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, LlamaTokenizer,
-                          LlavaForConditionalGeneration, LlavaProcessor, Qwen2Tokenizer, Qwen2VLForConditionalGeneration,
+                          LlavaForConditionalGeneration, LlavaProcessor, Qwen2Tokenizer,
+                          Qwen2VLForConditionalGeneration,
                           T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -39,7 +40,8 @@ def test_layout(root):
         "scheduler": "FlowMatchEulerDiscreteScheduler", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
         "tokenizer": "CLIPTokenizer", "text_encoder_2": "T5EncoderModel", "tokenizer_2": "T5Tokenizer",
         "transformer": "FluxTransformer2DModel"}
-    assert sorted(p.name for p in (root / "flux" / "tokenizer").iterdir()) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    assert sorted(p.name for p in (root / "flux" / "tokenizer").iterdir()) == ["merges.txt", "tokenizer_config.json",
+                                                                               "vocab.json"]
     assert not list(root.parent.glob(".*building"))
 
 
@@ -80,7 +82,8 @@ def test_vlm_tokenizer_and_chat_template(root):
     for subject in theme.subjects[:3]:
         text = caption(theme, subject, theme.attributes[0], random.Random(1))
         assert tok.decode(tok(text).input_ids) == text
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image briefly."}]}]
+    messages = [{"role": "user",
+                 "content": [{"type": "image"}, {"type": "text", "text": "Describe the image briefly."}]}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, add_vision_id=True, tokenize=False)
     assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                       "Picture 1: <|vision_start|><|image_pad|><|vision_end|>Describe the image briefly.<|im_end|>\n"
@@ -147,7 +150,8 @@ def test_flux_pipeline_draws_from_prompt_embeds(root):
     assert t.pooled_projection_dim == pipe.text_encoder.config.hidden_size == 24
     assert pipe.text_encoder_2.config.d_model == json.loads((root / "t5" / "config.json").read_text())["d_model"]
     assert pipe.tokenizer("A Red Car").input_ids == pipe.tokenizer("a red car").input_ids  # lower-casing
-    assert all(t.endswith("</w>") for t in pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a red car").input_ids)[1:-1])
+    assert all(t.endswith("</w>")
+               for t in pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a red car").input_ids)[1:-1])
 
     def draw(**kwargs):
         return pipe(height=32, width=32, num_inference_steps=2, guidance_scale=3.5, output_type="np",
@@ -158,7 +162,8 @@ def test_flux_pipeline_draws_from_prompt_embeds(root):
     _, pooled, _ = pipe.encode_prompt("", prompt_2=None)
     assert pooled.shape == (1, 24)
     embeds = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(3))
-    first, second = draw(prompt_embeds=embeds, pooled_prompt_embeds=pooled), draw(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    first, second = draw(prompt_embeds=embeds, pooled_prompt_embeds=pooled), draw(prompt_embeds=embeds,
+                                                                                  pooled_prompt_embeds=pooled)
     assert first.shape == (1, 32, 32, 3) and np.isfinite(first).all()
     assert np.array_equal(first, second) and not np.array_equal(first, from_text)
 
@@ -166,22 +171,29 @@ def test_flux_pipeline_draws_from_prompt_embeds(root):
 def test_llava_in_llava_hf_layout(root):
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "preprocessor_config.json", "processor_config.json"} <= {p.name for p in (root / "llava").iterdir()}
-    tok = AutoTokenizer.from_pretrained(root / "llava")  # transformers 5 reads a llava checkpoint's tokenizer.json as it is
+    # transformers 5 reads a llava checkpoint's tokenizer.json as it is
+    tok = AutoTokenizer.from_pretrained(root / "llava")
     assert tok.padding_side == "left" and tok.pad_token == "<pad>"
     backend = json.loads((root / "llava" / "tokenizer.json").read_text())
-    assert (backend["model"]["type"], backend["model"]["byte_fallback"], backend["pre_tokenizer"]["type"]) == ("BPE", True, "Metaspace")
+    assert (backend["model"]["type"], backend["model"]["byte_fallback"], backend["pre_tokenizer"]["type"]) == ("BPE",
+                                                                                                               True,
+                                                                                                               "Metaspace")
     text = "USER: <image>\nWhat is it? (1)yellow (10)black ASSISTANT: 10"
     assert tok(text).input_ids == LlamaTokenizer.from_pretrained(root / "llava")(text).input_ids
-    assert tok.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<0x00>", "<image>", "<pad>"]) == [0, 1, 2, 3, len(tok) - 2, len(tok) - 1]
+    assert tok.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<0x00>", "<image>", "<pad>"]) == [0, 1, 2, 3,
+                                                                                                 len(tok) - 2,
+                                                                                                 len(tok) - 1]
     config = json.loads((root / "llava" / "config.json").read_text())
     assert (config["image_token_index"], config["pad_token_id"]) == (len(tok) - 2, tok.pad_token_id)
     assert (config["vision_feature_layer"], config["vision_feature_select_strategy"], config["projector_hidden_act"]) == (-2, "default", "gelu")
     assert config["text_config"]["model_type"] == "llama" and config["vision_config"]["patch_size"] == 14
-    assert json.loads((root / "llava" / "preprocessor_config.json").read_text())["image_processor_type"] == "CLIPImageProcessor"
+    assert json.loads((root / "llava"
+                       / "preprocessor_config.json").read_text())["image_processor_type"] == "CLIPImageProcessor"
     processor = LlavaProcessor.from_pretrained(root / "llava")
     assert isinstance(processor.image_processor, CLIPImageProcessorPil)
     assert (processor.patch_size, processor.num_additional_image_tokens, processor.vision_feature_select_strategy) == (14, 1, "default")
-    batch = processor(text=["USER: <image>\nWhich? ASSISTANT:"], images=[render("color_object", "leaf", "red")], return_tensors="pt")
+    batch = processor(text=["USER: <image>\nWhich? ASSISTANT:"], images=[render("color_object", "leaf", "red")],
+                      return_tensors="pt")
     assert int((batch["input_ids"] == config["image_token_index"]).sum()) == 4 and batch["input_ids"][0, 0] == tok.bos_token_id
     model = LlavaForConditionalGeneration.from_pretrained(root / "llava").eval()
     assert model.generation_config.eos_token_id == tok.eos_token_id and model.generation_config.pad_token_id == tok.pad_token_id
@@ -191,19 +203,23 @@ def test_llava_in_llava_hf_layout(root):
 
 def test_clip_in_openai_layout(root):
     assert sorted(p.name for p in (root / "clip").iterdir()) == [
-        "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+        "tokenizer_config.json",
         "vocab.json"]
     pre = json.loads((root / "clip" / "preprocessor_config.json").read_text())
     assert pre["feature_extractor_type"] == "CLIPFeatureExtractor" and "image_processor_type" not in pre
     processor = CLIPProcessor.from_pretrained(root / "clip")
-    assert isinstance(processor.image_processor, CLIPImageProcessorPil) and isinstance(processor.tokenizer, CLIPTokenizer)
+    assert isinstance(processor.image_processor, CLIPImageProcessorPil) and isinstance(processor.tokenizer,
+                                                                                       CLIPTokenizer)
     assert processor.tokenizer.pad_token == processor.tokenizer.eos_token == "<|endoftext|>"
     model = CLIPModel.from_pretrained(root / "clip").eval()
     assert model.config.text_config.eos_token_id == 2 and model.config.projection_dim == 16
-    inputs = processor(text=["red", "a red leaf"], images=[render("color_object", "leaf", "red", 48)], padding=True, return_tensors="pt")
+    inputs = processor(text=["red", "a red leaf"], images=[render("color_object", "leaf", "red", 48)], padding=True,
+                       return_tensors="pt")
     assert inputs["pixel_values"].shape == (1, 3, 32, 32)
     with torch.no_grad(): out = model(**inputs)
-    assert torch.allclose(out.logits_per_image, model.logit_scale.exp() * out.image_embeds @ out.text_embeds.T, atol=1e-5)
+    assert torch.allclose(out.logits_per_image, model.logit_scale.exp() * out.image_embeds @ out.text_embeds.T,
+                          atol=1e-5)
 
 
 def test_judge(root):

@@ -4,36 +4,46 @@
 
 # %% ../nbs/02a_aligner.ipynb #3e322356
 from __future__ import annotations
-import pickle
+import dataclasses, json, pickle
 from pathlib import Path
 import torch, torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
-from diffusers import ModelMixin, ConfigMixin
-from diffusers.configuration_utils import register_to_config
+from safetensors.torch import load_file, save_file
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 from .runtime import weight_files
 
 # %% auto #0
-__all__ = ['NORM_VARIANTS', 'T5_FINAL_NORM', 'READOUT_FILE', 'OFFICIAL_TO_OURS', 'OFFICIAL_FROZEN_ALIASES', 'Aligner',
-           't5_final_norm_weight', 'init_norm_from_t5', 't5_aligner', 'fit_readout', 'apply_readout', 'save_readout',
-           'load_readout', 'load_aligner']
+__all__ = ['NORM_VARIANTS', 'T5_FINAL_NORM', 'CONFIG_FILE', 'WEIGHTS_FILE', 'LEGACY_WEIGHTS', 'READOUT_FILE', 'OFFICIAL_TO_OURS',
+           'OFFICIAL_FROZEN_ALIASES', 'AlignerConfig', 'Aligner', 't5_final_norm_weight', 'init_norm_from_t5',
+           't5_aligner', 'convert_diffusers_aligner', 'fit_readout', 'apply_readout', 'save_readout', 'load_readout',
+           'load_aligner']
 
-# %% ../nbs/02a_aligner.ipynb #38d515a4
+# %% ../nbs/02a_aligner.ipynb #28f3f7cf
 NORM_VARIANTS = ("t5", "default", "none")
 
-class Aligner(ModelMixin, ConfigMixin):
+@dataclasses.dataclass(frozen=True)
+class AlignerConfig:
+    "An aligner's widths and norm: what its config.json holds."
+    d_vlm: int = 3584          # VLM hidden width (Qwen2-VL-7B: 3584; ThinkDiff-CLIP's EVA ViT-g: 1408)
+    d_t5: int = 4096           # T5 d_model (Flan-T5-XXL: 4096)
+    hidden: int | None = None  # width between the Linears; None: d_t5, as the paper
+    norm: str = "t5"           # one of NORM_VARIANTS
+    def __iter__(self): return iter(dataclasses.asdict(self).items())  # dict(config) lists the fields
+
+# %% ../nbs/02a_aligner.ipynb #f74cd704
+class Aligner(nn.Module):
     "Maps VLM hidden states (B, L, d_vlm) to T5-encoder-space tokens (B, L, d_t5)."
-    @register_to_config
     def __init__(self, d_vlm: int = 3584,   # VLM hidden width (Qwen2-VL-7B: 3584)
                  d_t5: int = 4096,          # T5 d_model (Flan-T5-XXL: 4096)
                  hidden: int | None = None, # width between the Linears; the paper uses d_t5
                  norm: str = "t5"):          # one of NORM_VARIANTS
         super().__init__()
         if norm not in NORM_VARIANTS: raise ValueError(f"unknown norm variant {norm!r}; choose one of {NORM_VARIANTS}")
-        hidden = hidden or d_t5
-        self.mlp = nn.Sequential(nn.Linear(d_vlm, hidden), nn.GELU(), nn.Linear(hidden, d_t5))
+        self.config = AlignerConfig(d_vlm, d_t5, hidden, norm)
+        self.mlp = nn.Sequential(nn.Linear(d_vlm, hidden or d_t5), nn.GELU(), nn.Linear(hidden or d_t5, d_t5))
         self.rms_norm = nn.Identity() if norm == "none" else T5LayerNorm(d_t5, eps=1e-6)
+    @property
+    def device(self) -> torch.device: return self.mlp[0].weight.device
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[-1] != self.config.d_vlm:
             raise ValueError(f"features are {features.shape[-1]} wide but the aligner expects {self.config.d_vlm}")
@@ -43,16 +53,20 @@ class Aligner(ModelMixin, ConfigMixin):
 T5_FINAL_NORM = "encoder.final_layer_norm.weight"
 
 def t5_final_norm_weight(path_or_id: str) -> torch.Tensor:
-    "The T5 encoder's final norm weight (d_model,), read alone from the checkpoint's safetensors (through its shard index)."
+    ("The T5 encoder's final norm weight (d_model,), read alone from the checkpoint's safetensors (through its shard "
+     "index).")
     files = weight_files(path_or_id)
-    if T5_FINAL_NORM not in files: raise ValueError(f"{path_or_id} holds no {T5_FINAL_NORM}: not a T5 encoder-decoder checkpoint")
+    if T5_FINAL_NORM not in files: raise ValueError(f"{path_or_id} holds no {T5_FINAL_NORM}: not a T5 encoder-decoder "
+                                                    "checkpoint")
     with safe_open(str(files[T5_FINAL_NORM]), framework="pt") as f: return f.get_tensor(T5_FINAL_NORM)
 
+# %% ../nbs/02a_aligner.ipynb #7f3965f8
 def init_norm_from_t5(aligner: Aligner, weight: torch.Tensor) -> Aligner:
     "Copy the T5 encoder's final norm weight into the aligner's norm (the paper's initialisation)."
     if aligner.config.norm == "none": raise ValueError("this aligner has no norm to initialise")
     if weight.shape != aligner.rms_norm.weight.shape:
-        raise ValueError(f"T5 norm weight has shape {tuple(weight.shape)}, the aligner's norm {tuple(aligner.rms_norm.weight.shape)}")
+        raise ValueError(f"T5 norm weight has shape {tuple(weight.shape)}, the aligner's norm "
+                         f"{tuple(aligner.rms_norm.weight.shape)}")
     with torch.no_grad(): aligner.rms_norm.weight.copy_(weight)
     return aligner
 
@@ -64,26 +78,91 @@ def t5_aligner(d_vlm: int, t5, t5_source: str,  # t5: the model the aligner feed
     aligner = Aligner(d_vlm, t5.config.d_model, norm=norm)
     return init_norm_from_t5(aligner, t5_final_norm_weight(t5_source)) if norm == "t5" else aligner
 
+# %% ../nbs/02a_aligner.ipynb #6d3e4850
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"  # the names transformers gives a model folder's files
+LEGACY_WEIGHTS = "diffusion_pytorch_model.safetensors"         # where the diffusers-based Aligner kept its weights
+
+# %% ../nbs/02a_aligner.ipynb #646b8242
+def _save_pretrained(self, folder,
+                     is_main_process: bool = True):  # False: write nothing (the main process of the run writes)
+    "Write config.json and model.safetensors (every tensor in its own dtype) into `folder`."
+    if not is_main_process: return
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(dict(self.config), indent=2) + "\n")
+
+_save_pretrained.__name__, _save_pretrained.__qualname__ = "save_pretrained", "Aligner.save_pretrained"
+Aligner.save_pretrained = _save_pretrained
+
+# %% ../nbs/02a_aligner.ipynb #096eb750
+def _read_config(folder: Path) -> AlignerConfig:
+    "A folder's config.json as an AlignerConfig; a folder in the diffusers format is refused, naming the fix."
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if (folder / LEGACY_WEIGHTS).exists() or "_diffusers_version" in config:
+        raise ValueError(f"{folder} holds an aligner in the diffusers format ({LEGACY_WEIGHTS}); convert it in place, "
+                         "bit for bit: python -c 'from thinkdiff_nb.aligner import convert_diffusers_aligner as c; "
+                         f"c(\"{folder}\")'")
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(AlignerConfig)})
+    if unknown: raise ValueError(f"{folder / CONFIG_FILE} has keys {unknown} that no AlignerConfig has: not an aligner")
+    return AlignerConfig(**config)
+
+# %% ../nbs/02a_aligner.ipynb #0b3f6aed
+def _from_pretrained(cls, folder) -> Aligner:
+    "An aligner from a `save_pretrained` folder, its tensors in the file's dtype, in eval mode."
+    folder = Path(folder)
+    aligner = cls(**dict(_read_config(folder)))
+    aligner.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True, assign=True)
+    return aligner.eval()
+
+_from_pretrained.__name__, _from_pretrained.__qualname__ = "from_pretrained", "Aligner.from_pretrained"
+Aligner.from_pretrained = classmethod(_from_pretrained)
+
+# %% ../nbs/02a_aligner.ipynb #96f9ff46
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    "Same dtype, shape and bytes."
+    if a.dtype != b.dtype or a.shape != b.shape: return False
+    return torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8))
+
+# %% ../nbs/02a_aligner.ipynb #7053eca7
+def convert_diffusers_aligner(folder) -> Path:
+    "Rewrite, in place, an aligner folder in the diffusers format (config.json, diffusion_pytorch_model.safetensors)."
+    folder = Path(folder)
+    config, old = json.loads((folder / CONFIG_FILE).read_text()), load_file(str(folder / LEGACY_WEIGHTS))
+    aligner = Aligner(**{f.name: config[f.name] for f in dataclasses.fields(AlignerConfig)})
+    aligner.load_state_dict(old, strict=True, assign=True)
+    aligner.save_pretrained(folder)
+    new = load_file(str(folder / WEIGHTS_FILE))
+    if new.keys() != old.keys() or not all(_same_bits(new[k], old[k]) for k in old):
+        raise RuntimeError(f"{folder}: the rewritten tensors differ from {LEGACY_WEIGHTS}'s; that file is kept")
+    (folder / LEGACY_WEIGHTS).unlink()
+    return folder
+
 # %% ../nbs/02a_aligner.ipynb #aad54dfa
 READOUT_FILE = "t5_readout.safetensors"
 
 def fit_readout(aligned: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    "Least-squares affine map (d + 1, d_t5) from aligned rows (N, d) to T5 encoder states (N, d_t5); the last row is the offset."
+    ("Least-squares affine map (d + 1, d_t5) from aligned rows (N, d) to T5 encoder states (N, d_t5); the last row is "
+     "the offset.")
     # float64: aligned rows are ill-conditioned (cond ~1e4 on the mini cache), and float32 lstsq truncates their rank
     # differently from call to call, so repeat fits of the same rows disagreed by up to 0.45 per weight
-    if len(aligned) != len(states): raise ValueError(f"{len(aligned)} aligned rows but {len(states)} T5 states; the readout needs one state per row")
+    if len(aligned) != len(states): raise ValueError(f"{len(aligned)} aligned rows but {len(states)} T5 states; the "
+                                                     "readout needs one state per row")
     ones = torch.ones(len(aligned), 1, dtype=torch.float64, device=aligned.device)
     rows = torch.cat([aligned.double(), ones], 1)
     return torch.linalg.lstsq(rows, states.double()).solution.to(states.dtype)
 
+# %% ../nbs/02a_aligner.ipynb #b7e04231
 def apply_readout(aligned: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
     "Aligned tokens (..., d) mapped by an affine readout to (..., d_t5)."
     return aligned @ readout[:-1].to(aligned) + readout[-1].to(aligned)
 
+# %% ../nbs/02a_aligner.ipynb #6d44bb7a
 def save_readout(readout: torch.Tensor, folder):
     "Write a readout into an aligner's folder."
     save_file({"readout": readout.contiguous()}, str(Path(folder) / READOUT_FILE))
 
+# %% ../nbs/02a_aligner.ipynb #889c2445
 def load_readout(folder) -> torch.Tensor | None:
     "An aligner folder's readout, or None when it has none."
     path = Path(folder) / READOUT_FILE
@@ -101,23 +180,30 @@ OFFICIAL_FROZEN_ALIASES = ("language_model.encoder.embed_tokens.weight", "langua
                            "language_model.lm_head.weight")
 
 def _read_official(path) -> dict:
-    "The state dict of an official checkpoint (the runner's dict or a bare state dict), read without running code from the file."
+    ("The state dict of an official checkpoint (the runner's dict or a bare state dict), read without running code "
+     "from the file.")
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no official ThinkDiff checkpoint file at {path}")
     try: obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler met something it will not rebuild
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        needs_code = next((l.split(" was not an allowed")[0] for l in lines if "GLOBAL" in l), None)  # a class or function
+        # a class or function
+        needs_code = next((l.split(" was not an allowed")[0] for l in lines if "GLOBAL" in l), None)
         if needs_code:
-            raise ValueError(f"{path} contains objects that need code to load ({needs_code.removeprefix('WeightsUnpickler error: ')}); "
-                             "refused: only tensors and plain containers are read (torch.load with weights_only=True)") from None
-        detail = next((l for l in lines if l.startswith(("Unsupported", "WeightsUnpickler"))), lines[0] if lines else "")
+            raise ValueError(f"{path} contains objects that need code to load "
+                             f"({needs_code.removeprefix('WeightsUnpickler error: ')}); "
+                             "refused: only tensors and plain containers are read (torch.load with "
+                             "weights_only=True)") from None
+        detail = next((l for l in lines if l.startswith(("Unsupported", "WeightsUnpickler"))),
+                      lines[0] if lines else "")
         raise ValueError(f"{path} is not a readable torch checkpoint, or uses pickle features the weights-only reader "
                          f"refuses ({detail})") from None
-    except Exception as e: raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e: raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+                                            f"{e})") from None
     if not isinstance(obj, dict): raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     state = obj["model"] if "model" in obj else obj
-    if not isinstance(state, dict): raise ValueError(f"{path}: its 'model' entry is a {type(state).__name__}, not a state dict")
+    if not isinstance(state, dict): raise ValueError(f"{path}: its 'model' entry is a {type(state).__name__}, not a "
+                                                     "state dict")
     return state
 
 # %% ../nbs/02a_aligner.ipynb #f79fc17f
@@ -127,20 +213,23 @@ def _official_widths(sd: dict, path) -> tuple[int, int, int]:
         if not (isinstance(v, torch.Tensor) and v.is_floating_point()):
             raise ValueError(f"{path}: {k} is a {getattr(v, 'dtype', type(v).__name__)}, not a floating-point tensor")
         ndim = 2 if k in ("mm_projector.0.weight", "mm_projector.2.weight") else 1
-        if v.ndim != ndim: raise ValueError(f"{path}: inconsistent shapes: {k} has shape {tuple(v.shape)}, not {ndim}-D")
+        if v.ndim != ndim: raise ValueError(f"{path}: inconsistent shapes: {k} has shape {tuple(v.shape)}, not "
+                                            f"{ndim}-D")
     hidden, d_vlm = sd["mm_projector.0.weight"].shape
     d_t5 = sd["mm_projector.2.weight"].shape[0]
     implied = {"mm_projector.0.bias": (hidden,), "mm_projector.2.weight": (d_t5, hidden),
                "mm_projector.2.bias": (d_t5,), "mm_projector.3.weight": (d_t5,)}
     for k, want in implied.items():
         if k in sd and tuple(sd[k].shape) != want:
-            raise ValueError(f"{path}: inconsistent shapes: {k} has shape {tuple(sd[k].shape)}, but mm_projector.0.weight "
+            raise ValueError(f"{path}: inconsistent shapes: {k} has shape {tuple(sd[k].shape)}, but "
+                             "mm_projector.0.weight "
                              f"{tuple(sd['mm_projector.0.weight'].shape)} and mm_projector.2.weight "
                              f"{tuple(sd['mm_projector.2.weight'].shape)} imply {want}")
     dtypes = sorted({str(v.dtype) for v in sd.values()})
     if len(dtypes) > 1: raise ValueError(f"{path}: the projector tensors mix dtypes {dtypes}")
     return d_vlm, hidden, d_t5
 
+# %% ../nbs/02a_aligner.ipynb #c1245a50
 def _from_official(cls, path,                  # a released ThinkDiff `.pth` (thinkdiff_lvlm.pth, thinkdiff_clip.pth)
                    d_vlm: int | None = None,      # expected input width (3584 LVLM, 1408 CLIP); None: the file's
                    d_t5: int | None = None,       # expected output width (4096); None: the file's
@@ -156,13 +245,15 @@ def _from_official(cls, path,                  # a released ThinkDiff `.pth` (th
     unexpected = sorted(str(k) for k in state if k not in wanted and k not in OFFICIAL_FROZEN_ALIASES)
     if missing or unexpected:
         hint = "; norm='none' expects no mm_projector.3.weight" if norm == "none" and "mm_projector.3.weight" in unexpected else ""
-        raise ValueError(f"{path}: its keys do not match the aligner's: missing {missing}, unexpected {unexpected}{hint}")
+        raise ValueError(f"{path}: its keys do not match the aligner's: missing {missing}, unexpected "
+                         f"{unexpected}{hint}")
     sd = {k: state[k] for k in wanted}
     got_vlm, hidden, got_t5 = _official_widths(sd, path)
     for name, want, got, k, side in (("d_vlm", d_vlm, got_vlm, "mm_projector.0.weight", "input"),
                                      ("d_t5", d_t5, got_t5, "mm_projector.2.weight", "output")):
         if want is not None and got != want:
-            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}: its {side} width {got} does not match {name}={want}")
+            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}: its {side} width {got} does not match "
+                             f"{name}={want}")
     aligner = cls(d_vlm=got_vlm, d_t5=got_t5, hidden=None if hidden == got_t5 else hidden, norm=norm)
     # assign=True: the parameters become the file's tensors, so they keep its dtype (fp32 in the release)
     aligner.load_state_dict({OFFICIAL_TO_OURS[k]: v for k, v in sd.items()}, strict=True, assign=True)

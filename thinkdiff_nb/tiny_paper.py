@@ -9,11 +9,13 @@ from collections import Counter
 from pathlib import Path
 import torch, torch.nn as nn
 from tokenizers import AddedToken, Tokenizer, Regex, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import (Blip2Config, Blip2ForConditionalGeneration, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, CLIPConfig, CLIPModel, CLIPTextConfig,
+                          CLIPTextModel,
                           CLIPTokenizer, GenerationConfig, LlamaTokenizer, LlavaConfig, LlavaForConditionalGeneration,
                           Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, T5Config, T5EncoderModel,
                           T5ForConditionalGeneration, T5Tokenizer)
-from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel,
+from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                       CogVideoXTransformer3DModel,
                        FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel)
 from .methods import ALIGNER_METHODS
 from .runtime import built_once
@@ -29,12 +31,14 @@ _GENERIC_TEXTS = [
     "The quick brown fox jumps over the lazy dog.", "A photo of a cat sitting on a sofa next to the window.",
     "There are two people walking along the beach at sunset.", "Hello! How are you today? I'm fine, thanks.",
     "Numbers such as 1, 2, 3, 10 and 2025 appear in text as well.", "She said that they'll be here soon, didn't she?",
-    "Describe what you see: colors, shapes, textures and the background.", "This is a short sentence; that one is longer."]
+    "Describe what you see: colors, shapes, textures and the background.",
+    "This is a short sentence; that one is longer."]
 
 def _corpus() -> list[str]:
     "Training text of the tiny tokenizers: the project's captions and prompts plus a few generic English sentences."
     return world_texts() + DESCRIBE_INSTRUCTIONS + [ICL_INSTRUCTION, SYSTEM_PROMPT, " ".join(vlm_words())] + _GENERIC_TEXTS
 
+# %% ../nbs/02j_tiny_paper.ipynb #ac411952
 def _word_counts(tok: Tokenizer, texts) -> Counter:
     "How often each pre-token occurs once `tok`'s normalizer and pre-tokenizer have cut `texts`."
     counts = Counter()
@@ -43,6 +47,7 @@ def _word_counts(tok: Tokenizer, texts) -> Counter:
         counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(text))
     return counts
 
+# %% ../nbs/02j_tiny_paper.ipynb #21b8385f
 def _merge(word: tuple, pair: tuple) -> tuple:
     "`word` (a tuple of symbols) with every adjacent occurrence of `pair` joined."
     out, i = [], 0
@@ -51,6 +56,7 @@ def _merge(word: tuple, pair: tuple) -> tuple:
         else: out.append(word[i]); i += 1
     return tuple(out)
 
+# %% ../nbs/02j_tiny_paper.ipynb #5e5055fc
 def _learn_merges(counts: Counter,  # pre-token -> count
                   n_merges: int,  # at most this many merges
                   suffix: str = "",  # appended to each word's last symbol (CLIP's "</w>")
@@ -68,6 +74,7 @@ def _learn_merges(counts: Counter,  # pre-token -> count
         words = {_merge(w, best): c for w, c in words.items()}
     return merges, words
 
+# %% ../nbs/02j_tiny_paper.ipynb #57e597c8
 _BYTE_CHARS = sorted(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's byte alphabet in its vocab order (by code point)
 
 def _merged_vocab(alphabet: list[str], merges) -> dict[str, int]:
@@ -76,18 +83,25 @@ def _merged_vocab(alphabet: list[str], merges) -> dict[str, int]:
 
 # %% ../nbs/02j_tiny_paper.ipynb #00000008
 _QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                   "<|vision_end|>",
                    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # Qwen2-VL's order (151643.. in the real vocab)
 _QWEN2_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 _QWEN2_VL_CHAT_TEMPLATE = (  # Qwen/Qwen2-VL-7B-Instruct chat_template.json, verbatim
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% "
+    "else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in "
+    "content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% "
+    "endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif "
+    "%}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor "
+    "%}"
     "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 def _qwen2_tokenizer(n_merges: int = 600,  # BPE merges beyond the 256 bytes (fewer if pairs run out)
@@ -103,7 +117,8 @@ def _qwen2_tokenizer(n_merges: int = 600,  # BPE merges beyond the 256 bytes (fe
     tok.decoder, tok.post_processor = decoders.ByteLevel(**byte_level), processors.ByteLevel(**byte_level)
     tok.add_special_tokens(_QWEN2_SPECIALS)  # ids right after the BPE vocab, in this order
     return Qwen2Tokenizer(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                          pad_token="<|endoftext|>", additional_special_tokens=_QWEN2_SPECIALS[1:], add_prefix_space=False,
+                          pad_token="<|endoftext|>", additional_special_tokens=_QWEN2_SPECIALS[1:],
+                          add_prefix_space=False,
                           chat_template=_QWEN2_VL_CHAT_TEMPLATE, model_max_length=32768, errors="replace",
                           clean_up_tokenization_spaces=False, split_special_tokens=False)
 
@@ -115,7 +130,8 @@ def _t5_tokenizer(n_merges: int = 400,  # merges that make the multi-character p
     "A T5-style Unigram T5Tokenizer trained on the corpus, with T5's specials and 100 sentinels."
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always",
+                                                                          split=True)])
     counts = _word_counts(tok, _corpus())
     merges, words = _learn_merges(counts, n_merges)
     freq = Counter()
@@ -135,8 +151,10 @@ def _clip_tokenizer(n_merges: int = 600,  # BPE merges beyond the 512 byte symbo
                    ) -> CLIPTokenizer:
     "A CLIP BPE CLIPTokenizer trained on the corpus (lower-cased, `</w>` word ends, 77 tokens)."
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed",
+                                                                      invert=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     merges, _ = _learn_merges(_word_counts(tok, _corpus()), n_merges, suffix="</w>")
     vocab = _merged_vocab(_BYTE_CHARS + [c + "</w>" for c in _BYTE_CHARS], merges)
@@ -151,14 +169,17 @@ _QWEN2_VL_PREPROCESSOR = {  # Qwen/Qwen2-VL-7B-Instruct preprocessor_config.json
 
 def _pad(n: int, multiple: int) -> int: return -(-n // multiple) * multiple  # round up, as hub vocab sizes are
 
+# %% ../nbs/02j_tiny_paper.ipynb #cd8c4e2a
 def _seeded(seed: int, build):
     "`build()` with torch's generator seeded with `seed`, leaving the caller's random state as it was."
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
+# %% ../nbs/02j_tiny_paper.ipynb #18eb6483
 def _write_json(path: Path, obj): path.write_text(json.dumps(obj, indent=2) + "\n")
 
+# %% ../nbs/02j_tiny_paper.ipynb #81d745b3
 def _save_vlm(folder: Path, seed: int):
     "A tiny random Qwen2VLForConditionalGeneration with its tokenizer and processor files, in the hub layout."
     tok = _qwen2_tokenizer()
@@ -173,13 +194,16 @@ def _save_vlm(folder: Path, seed: int):
         vision_config=dict(depth=1, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=4, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
     model = _seeded(seed, lambda: Qwen2VLForConditionalGeneration(config))
-    model.generation_config = GenerationConfig(  # the hub repository's generation_config.json: settings vLLM never reads
+    # the hub repository's generation_config.json: settings vLLM never reads
+    model.generation_config = GenerationConfig(
         bos_token_id=eot, pad_token_id=eot, eos_token_id=[im_end, eot], do_sample=True, repetition_penalty=1.05,
         temperature=0.01, top_k=1, top_p=0.001)
     model.save_pretrained(folder)
-    tok.save_pretrained(folder, save_jinja_files=False)  # the template goes into tokenizer_config.json, as in the hub repo
+    # the template goes into tokenizer_config.json, as in the hub repo
+    tok.save_pretrained(folder, save_jinja_files=False)
     tok.backend_tokenizer.model.save(str(folder))  # vocab.json and merges.txt
     _write_json(folder / "chat_template.json", {"chat_template": _QWEN2_VL_CHAT_TEMPLATE})
     _write_json(folder / "preprocessor_config.json", _QWEN2_VL_PREPROCESSOR)
@@ -188,15 +212,18 @@ def _save_vlm(folder: Path, seed: int):
 def _t5_config(vocab_size: int) -> T5Config:
     "Flan-T5 / T5-v1.1's architecture at d_model 32 (4 heads of 8, d_ff 64, 2 + 2 layers)."
     return T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                    feed_forward_proj="gated-gelu",
                     dropout_rate=0.1, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                     tie_word_embeddings=False)
 
+# %% ../nbs/02j_tiny_paper.ipynb #888e826a
 def _untied(model):
     "`model` with `tie_word_embeddings` false in its config (transformers 5.24's T5Config forces it true)."
     model.config.tie_word_embeddings = False
     return model
 
+# %% ../nbs/02j_tiny_paper.ipynb #de6765a3
 def _save_t5(folder: Path, tok: T5Tokenizer, seed: int):
     "A tiny random Flan-T5 (untied lm_head, non-uniform encoder final norm) in safetensors shards, with its tokenizer."
     def build():
@@ -212,9 +239,11 @@ def _save_flux(folder: Path, t5_tok: T5Tokenizer, seed: int):
     "A tiny random FluxPipeline with FLUX.1-dev's scheduler and VAE settings, in the hub layout."
     clip_tok = _clip_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
     vae = _seeded(seed, lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16), layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True))
     clip_config = CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=24, intermediate_size=96, num_hidden_layers=2,
@@ -225,7 +254,8 @@ def _save_flux(folder: Path, t5_tok: T5Tokenizer, seed: int):
     transformer = _seeded(seed + 3, lambda: FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
-    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2,
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
+                 text_encoder_2=text_encoder_2,
                  tokenizer_2=t5_tok, transformer=transformer).save_pretrained(folder)
     clip_tok.backend_tokenizer.model.save(str(folder / "tokenizer"))  # vocab.json and merges.txt
     (folder / "tokenizer" / "tokenizer.json").unlink()  # FLUX.1-dev's CLIP tokenizer ships the vocab files only
@@ -235,12 +265,15 @@ _LLAMA_SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)
 
 def _llama_tokenizer(n_merges: int = 600,  # BPE merges beyond the characters (fewer if pairs run out)
                     ) -> LlamaTokenizer:
-    "A Llama-style byte-fallback BPE LlamaTokenizer trained on the corpus, with llava-hf's `<image>` and `<pad>` appended."
+    ("A Llama-style byte-fallback BPE LlamaTokenizer trained on the corpus, with llava-hf's `<image>` and `<pad>` "
+     "appended.")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)  # the words BPE sees
+    # the words BPE sees
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     counts = _word_counts(tok, _corpus())
     merges, _ = _learn_merges(counts, n_merges)
-    merges = [m for m in merges if not any(c.isdigit() for c in "".join(m))]  # a merge's parts hold digits only via digit merges
+    # a merge's parts hold digits only via digit merges
+    merges = [m for m in merges if not any(c.isdigit() for c in "".join(m))]
     chars = sorted({c for w in counts for c in w} | set(string.ascii_letters + string.digits + string.punctuation))
     vocab = {t: i for i, t in enumerate(dict.fromkeys(_LLAMA_SPECIALS + chars + [a + b for a, b in merges]))}
     llama = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_bos_token=True, add_eos_token=False,
@@ -257,31 +290,39 @@ _LLAVA_SIZE = 28  # the tiny vision tower's input side: 2x2 patches of 14 (llava
 
 def _llava_preprocessor(size: int) -> dict:
     "llava-hf's preprocessor_config.json (CLIPImageProcessor: shortest edge to `size`, centre crop) at `size` px."
-    return {"crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
-            "do_rescale": True, "do_resize": True, "image_mean": _CLIP_MEAN, "image_processor_type": "CLIPImageProcessor",
+    return {"crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True, "do_resize": True, "image_mean": _CLIP_MEAN,
+            "image_processor_type": "CLIPImageProcessor",
             "image_std": _CLIP_STD, "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 1 / 255,
             "size": {"shortest_edge": size}}
 
+# %% ../nbs/02j_tiny_paper.ipynb #04037669
 def _save_llava(folder: Path, seed: int):
-    "A tiny random LlavaForConditionalGeneration (CLIP vision tower, Llama) with llava-hf's tokenizer and processor files."
+    ("A tiny random LlavaForConditionalGeneration (CLIP vision tower, Llama) with llava-hf's tokenizer and processor "
+     "files.")
     tok = _llama_tokenizer()
     image_id, pad_id = tok.convert_tokens_to_ids(["<image>", "<pad>"])
     vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=_LLAVA_SIZE, patch_size=14, projection_dim=16, hidden_act="quick_gelu")
-    text = dict(model_type="llama", vocab_size=_pad(len(tok), 64), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=_LLAVA_SIZE, patch_size=14, projection_dim=16,
+                  hidden_act="quick_gelu")
+    text = dict(model_type="llama", vocab_size=_pad(len(tok), 64), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, pad_token_id=pad_id,
                          projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=(_LLAVA_SIZE // 14) ** 2, tie_word_embeddings=False)
     model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad_id)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=pad_id)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     _write_json(folder / "preprocessor_config.json", _llava_preprocessor(_LLAVA_SIZE))
-    _write_json(folder / "processor_config.json", {"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": 14,
-                                                   "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "default"})
-
+    _write_json(folder / "processor_config.json",
+                {"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": 14,
+                                                   "processor_class": "LlavaProcessor",
+                                                   "vision_feature_select_strategy": "default"})
 
 # %% ../nbs/02j_tiny_paper.ipynb #00000026
 _CLIP_SIZE = 32  # the tiny vision tower's input side: 4x4 patches of 8 (ViT-B/32: 224)
@@ -289,8 +330,10 @@ _CLIP_SIZE = 32  # the tiny vision tower's input side: 4x4 patches of 8 (ViT-B/3
 def _save_clip(folder: Path, tok: CLIPTokenizer, seed: int):
     "A tiny random CLIPModel with its tokenizer and openai/clip-vit-base-patch32's preprocessor file."
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2,
+                         max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
+                         pad_token_id=1),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=_CLIP_SIZE, patch_size=8, hidden_act="quick_gelu"),
         projection_dim=16)
@@ -299,7 +342,8 @@ def _save_clip(folder: Path, tok: CLIPTokenizer, seed: int):
     tok.backend_tokenizer.model.save(str(folder))  # vocab.json and merges.txt
     _write_json(folder / "preprocessor_config.json", {
         "crop_size": _CLIP_SIZE, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD, "resample": 3,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD,
+        "resample": 3,
         "size": _CLIP_SIZE})
 
 
@@ -307,11 +351,14 @@ def _save_clip(folder: Path, tok: CLIPTokenizer, seed: int):
 _BLIP_SIZE = 32  # the tiny vision tower's input side: 16x16 patches of 2 (EVA ViT-g: 224 px in 16x16 patches of 14)
 
 def _blip2_preprocessor(size: int) -> dict:
-    "Salesforce/blip2-flan-t5-xxl's preprocessor_config.json (BlipImageProcessor: resize to a square, CLIP's statistics) at `size` px."
-    return {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": _CLIP_MEAN,
+    ("Salesforce/blip2-flan-t5-xxl's preprocessor_config.json (BlipImageProcessor: resize to a square, CLIP's "
+     "statistics) at `size` px.")
+    return {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "image_mean": _CLIP_MEAN,
             "image_processor_type": "BlipImageProcessor", "image_std": _CLIP_STD, "processor_class": "Blip2Processor",
             "resample": 3, "rescale_factor": 1 / 255, "size": {"height": size, "width": size}}
 
+# %% ../nbs/02j_tiny_paper.ipynb #d9cc1b8f
 def _save_blip2(folder: Path, tok: T5Tokenizer, seed: int):
     "A tiny random Blip2ForConditionalGeneration (vision tower, Q-Former, Flan-T5) in shards, with its processor files."
     config = Blip2Config(
@@ -326,17 +373,23 @@ def _save_blip2(folder: Path, tok: T5Tokenizer, seed: int):
 
 # %% ../nbs/02j_tiny_paper.ipynb #0000c006
 def _save_cogvideox(folder: Path, t5_tok: T5Tokenizer, seed: int):
-    "A tiny random CogVideoXPipeline with CogVideoX-5b's scheduler, VAE compression and rotary transformer, in the hub layout."
-    scheduler = CogVideoXDDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
+    ("A tiny random CogVideoXPipeline with CogVideoX-5b's scheduler, VAE compression and rotary transformer, in the "
+     "hub layout.")
+    scheduler = CogVideoXDDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                       prediction_type="v_prediction",
                                        rescale_betas_zero_snr=True, timestep_spacing="trailing", snr_shift_scale=1.0)
     vae = _seeded(seed, lambda: AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
-        block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=16, norm_num_groups=2, temporal_compression_ratio=4,
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=16, norm_num_groups=2,
+        temporal_compression_ratio=4,
         scaling_factor=0.7, use_quant_conv=False, use_post_quant_conv=False, sample_height=32, sample_width=32))
     text_encoder = _seeded(seed + 1, lambda: _untied(T5EncoderModel(_t5_config(_pad(len(t5_tok), 128)))))
     transformer = _seeded(seed + 2, lambda: CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=32, text_embed_dim=32,
+        num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, time_embed_dim=32,
+        text_embed_dim=32,
         num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
         max_text_seq_length=226, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False))
     tok = copy.deepcopy(t5_tok)
@@ -352,16 +405,21 @@ def _complete(root: Path) -> bool:
     "Whether `root` holds a whole tiny-paper profile (the marker is written last, before the folder is renamed in)."
     return (root / _MARKER).is_file() and all((root / f).is_dir() for f in _FOLDERS)
 
+# %% ../nbs/02j_tiny_paper.ipynb #3734c304
 def _save_aligners(folder: Path, root: Path, seed: int):
-    "Random T5-initialised aligners to T5's width: from the VLM's under every aligner method (`thinkdiff` with a readout), from BLIP-2's vision tower for ThinkDiff-CLIP."
-    norm, width = t5_final_norm_weight(str(root / "t5")), Qwen2VLConfig.from_pretrained(root / "vlm").text_config.hidden_size
+    ("Random T5-initialised aligners to T5's width: from the VLM's under every aligner method (`thinkdiff` with a "
+     "readout), from BLIP-2's vision tower for ThinkDiff-CLIP.")
+    norm, width = t5_final_norm_weight(str(root / "t5")), Qwen2VLConfig.from_pretrained(root
+                                                                                        / "vlm").text_config.hidden_size
     for k, name in enumerate(ALIGNER_METHODS):
         _seeded(seed + k, lambda: init_norm_from_t5(Aligner(width, len(norm)), norm)).save_pretrained(folder / name)
-    save_readout(_seeded(seed + 9, lambda: torch.eye(len(norm) + 1, len(norm)) + 0.01 * torch.randn(len(norm) + 1, len(norm))),
+    save_readout(_seeded(seed + 9,
+                         lambda: torch.eye(len(norm) + 1, len(norm)) + 0.01 * torch.randn(len(norm) + 1, len(norm))),
                  folder / "thinkdiff")
     vision_width = Blip2Config.from_pretrained(root / "blip2").vision_config.hidden_size
     _seeded(seed + 10, lambda: init_norm_from_t5(Aligner(vision_width, len(norm)), norm)).save_pretrained(folder / "thinkdiff-clip")
 
+# %% ../nbs/02j_tiny_paper.ipynb #a2f94f09
 def _build(root: Path, seed: int):
     "Write every folder of the profile under `root`, then the marker."
     t5_tok = _t5_tokenizer()
@@ -376,17 +434,20 @@ def _build(root: Path, seed: int):
     _save_aligners(root / "aligners", root, seed + 40)
     _write_json(root / _MARKER, {"seed": seed, "folders": list(_FOLDERS)})
 
+# %% ../nbs/02j_tiny_paper.ipynb #7f8792ca
 def save_tiny_paper(root: str | Path,  # folder to hold vlm/, t5/, flux/, judge/, llava/, clip/, blip2/, cogvideox/ and aligners/; a complete one is reused
                     seed: int = 0,  # seed of every weight: the same seed writes the same bytes
                    ) -> Path:  # `root`
-    "Write tiny random-weight Qwen2-VL, Flan-T5, FLUX.1-dev, judge, LLaVA, CLIP, BLIP-2, CogVideoX and aligner folders (hub layouts) under `root`, once."
+    ("Write tiny random-weight Qwen2-VL, Flan-T5, FLUX.1-dev, judge, LLaVA, CLIP, BLIP-2, CogVideoX and aligner "
+     "folders (hub layouts) under `root`, once.")
     root = Path(root)
     if _complete(root):
         built = json.loads((root / _MARKER).read_text())["seed"]
         if built != seed: raise ValueError(f"{root} holds the tiny-paper profile of seed {built}, not {seed}")
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} exists and is not a complete tiny-paper profile; remove it or choose another folder")
+        raise FileExistsError(f"{root} exists and is not a complete tiny-paper profile; remove it or choose another "
+                              "folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".building", dir=root.parent))
     try:
@@ -400,14 +461,17 @@ def save_tiny_paper(root: str | Path,  # folder to hold vlm/, t5/, flux/, judge/
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
+# %% ../nbs/02j_tiny_paper.ipynb #3a8c13c5
 @functools.lru_cache(maxsize=None)
 def tiny_paper_profile() -> Profile:
     "The `tiny-paper` profile: `save_tiny_paper` into a temporary folder, once, read by the paper's code."
     root = built_once("thinkdiff_nb_tiny_paper.", lambda folder: save_tiny_paper(folder / "profile")) / "profile"
     return Profile("tiny-paper", str(root / "t5"), str(root / "flux"), str(root / "judge"), str(root / "vlm"),
-                   llava=str(root / "llava"), clip=str(root / "clip"), vision=str(root / "blip2"), video=str(root / "cogvideox"),
+                   llava=str(root / "llava"), clip=str(root / "clip"), vision=str(root / "blip2"),
+                   video=str(root / "cogvideox"),
                    clip_aligner=str(root / "aligners" / "thinkdiff-clip"),
                    text_width=32,
-                   kind="paper", image_size=None, cobsat_size=32, demo_size=32,  # 32 px: FLUX's tiny VAE halves it to 16
+                   # 32 px: FLUX's tiny VAE halves it to 16
+                   kind="paper", vlm_image_size=None, cobsat_size=32, demo_size=32,
                    describe_instructions=tuple(OFFICIAL_DESCRIBE_INSTRUCTIONS),
                    aligners={n: str(root / "aligners" / n) for n in ALIGNER_METHODS})
