@@ -1,4 +1,5 @@
-"ThinkDiff-CLIP: vision-token pooling, the caption split, the loss on renders, resuming, the released layout and the 10_train_clip pipeline."
+("ThinkDiff-CLIP: vision-token pooling, the caption split, the loss on renders, resuming, the released layout and the "
+ "10_train_clip pipeline.")
 import json, random, sys
 from pathlib import Path
 import numpy as np
@@ -10,10 +11,12 @@ from thinkdiff_nb.world import THEMES, write_image_caption_set
 from thinkdiff_nb.backbones import get_profile, load_t5
 from thinkdiff_nb.aligner import Aligner
 from thinkdiff_nb.data import open_image_captions, write_webdataset
-from thinkdiff_nb.loop import fit
+from thinkdiff_nb.loop import Schedule, fit
 from thinkdiff_nb.aligner import load_aligner
-from thinkdiff_nb.clip import (CLIP_ALIGNER_BAR, IMAGE_MODES, ClipBatches, ImageTokens, blip_caption, clip_aligner_gain, clip_loss,
-                               clip_loss_fn, clip_metrics, load_vision, pool_vision_tokens, random_split_string, vision_states,
+from thinkdiff_nb.clip import (CLIP_ALIGNER_BAR, IMAGE_MODES, ClipBatches, ImageTokens, blip_caption,
+                               clip_aligner_gain, clip_loss,
+                               clip_loss_fn, clip_metrics, load_vision, pool_vision_tokens, random_split_string,
+                               vision_states,
                                vision_tokens)
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,7 +33,8 @@ def _clip(width=16):
 
 @pytest.fixture(scope="module")
 def renders(tmp_path_factory):
-    return write_image_caption_set(tmp_path_factory.mktemp("clip") / "data", n_per_pair=1, themes=[THEMES["color_object"]])
+    return write_image_caption_set(tmp_path_factory.mktemp("clip") / "data", n_per_pair=1,
+                                   themes=[THEMES["color_object"]])
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +89,14 @@ def test_loss_falls_on_renders_and_the_image_is_read(renders, tiny_t5):
     torch.manual_seed(0)
     aligner = Aligner(16, t5.config.d_model)
     before = clip_metrics(aligner, t5, batches, n_batches=2)["loss"]
-    run = fit(aligner, clip_loss_fn(t5, batches), 30, Path(str(renders) + "-ckpt") / "ckpt.pt", lr=3e-3, warmup=1)
+    run = fit(aligner, clip_loss_fn(t5, batches), Schedule(steps=30, lr=3e-3, warmup=1),
+              Path(str(renders) + "-ckpt") / "ckpt.pt")
     assert np.mean(run.losses[-5:]) < np.mean(run.losses[:5])
     assert clip_metrics(aligner, t5, batches, n_batches=2)["loss"] < before
     batch = batches(torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert clip_loss(aligner, t5, batch, "none") != clip_loss(aligner, t5, batch)  # the image tokens enter the decoder
+        # the image tokens enter the decoder
+        assert clip_loss(aligner, t5, batch, "none") != clip_loss(aligner, t5, batch)
 
 
 def test_shares_make_the_global_batch(renders, tiny_t5):
@@ -98,7 +104,8 @@ def test_shares_make_the_global_batch(renders, tiny_t5):
     _, t5, tok = tiny_t5
     images = ImageTokens(_clip(), open_image_captions(renders, "train"), keep=False)
     whole = ClipBatches(images, tok, batch_size=8, share=(0, 1))(torch.Generator().manual_seed(3))
-    halves = [ClipBatches(images, tok, batch_size=8, share=(rank, 2))(torch.Generator().manual_seed(3)) for rank in (0, 1)]
+    halves = [ClipBatches(images, tok, batch_size=8, share=(rank, 2))(torch.Generator().manual_seed(3)) for rank in (0,
+                                                                                                                     1)]
     assert [len(h[0]) for h in halves] == [4, 4]
     torch.testing.assert_close(torch.cat([h[0] for h in halves]), whole[0])
     assert sum(int((h[3] != -100).sum()) for h in halves) == int((whole[3] != -100).sum())
@@ -121,7 +128,7 @@ def test_resume_gives_the_same_weights(renders, tiny_t5, tmp_path):
         def dying(model, g):
             if next(calls) == crash_at: raise KeyboardInterrupt("killed")
             return loss(model, g)
-        fit(aligner, dying, 8, ckpt, lr=1e-2, warmup=1, ckpt_every=3, log_csv=ckpt.with_suffix(".csv"))
+        fit(aligner, dying, Schedule(steps=8, lr=1e-2, warmup=1, ckpt_every=3), ckpt, log_csv=ckpt.with_suffix(".csv"))
         return aligner
     whole = train(tmp_path / "whole.pt")
     with pytest.raises(KeyboardInterrupt):
@@ -147,23 +154,28 @@ def test_released_clip_layout_at_paper_widths_trains(tmp_path):
 
 def test_paper_path_reads_the_blip2_vision_tower(renders, tmp_path):
     from transformers import Blip2ForConditionalGeneration
-    profile = get_profile("tiny-paper")  # Profile.vision: a whole BLIP-2 checkpoint in shards, as Salesforce/blip2-flan-t5-xxl
+    # Profile.vision: a whole BLIP-2 checkpoint in shards, as Salesforce/blip2-flan-t5-xxl
+    profile = get_profile("tiny-paper")
     tower = load_vision(profile.vision)
     whole = Blip2ForConditionalGeneration.from_pretrained(profile.vision).vision_model.state_dict()
     assert type(tower) is Blip2VisionModel and all(torch.equal(v, whole[k]) for k, v in tower.state_dict().items())
     t5, tok = load_t5(profile)  # Flan-T5-shaped, with its SentencePiece tokenizer
     batches = ClipBatches(ImageTokens(tower, open_image_captions(renders, "train"), max_images=16), tok, batch_size=4)
-    assert batches(torch.Generator().manual_seed(0))[0].shape == (4, 65, tower.config.hidden_size)  # 257 -> 65 as in the paper
-    run = fit(Aligner(tower.config.hidden_size, t5.config.d_model), clip_loss_fn(t5, batches), 3, tmp_path / "ckpt.pt", warmup=1)
+    # 257 -> 65 as in the paper
+    assert batches(torch.Generator().manual_seed(0))[0].shape == (4, 65, tower.config.hidden_size)
+    run = fit(Aligner(tower.config.hidden_size, t5.config.d_model), clip_loss_fn(t5, batches),
+              Schedule(steps=3, warmup=1), tmp_path / "ckpt.pt")
     assert np.isfinite(run.losses).all()
 
 
 def test_shipped_mini_clip_aligner_reads_the_image(tmp_path):
-    "On renders it never saw (another seed), the T5 decoder continues captions better from the image's own aligned tokens."
+    ("On renders it never saw (another seed), the T5 decoder continues captions better from the image's own aligned "
+     "tokens.")
     mini = get_profile("mini")
     t5, tok = load_t5(mini)
     unseen = write_image_caption_set(tmp_path / "unseen", n_per_pair=1, seed=7)
-    batches = ClipBatches(ImageTokens(load_vision(mini.vision), open_image_captions(unseen, "train")), tok, batch_size=64)
+    batches = ClipBatches(ImageTokens(load_vision(mini.vision), open_image_captions(unseen, "train")), tok,
+                          batch_size=64)
     scores = {m: clip_metrics(load_aligner(mini.clip_aligner), t5, batches, n_batches=4, image=m) for m in IMAGE_MODES}
     assert clip_aligner_gain(scores) >= CLIP_ALIGNER_BAR, scores
 
@@ -172,7 +184,8 @@ def _run(tmp_path, **params):
     import papermill as pm
     base = dict(profile="tiny-random", vision_steps=3, vision_batch_size=8, steps=3, batch_size=4, eval_batches=1,
                 ckpt_every=2, warmup=1, max_images=40, output_dir=str(tmp_path / "run"))
-    return pm.execute_notebook(str(NBS / "10_train_clip.ipynb"), str(tmp_path / "out.ipynb"), parameters={**base, **params},
+    return pm.execute_notebook(str(NBS / "10_train_clip.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={**base, **params},
                                progress_bar=False, kernel_name="python3")
 
 
@@ -183,13 +196,18 @@ def test_pipeline_notebook(renders, tmp_path):
     assert set(metrics["metrics"]["heldout"]) == {"own", "none", "shuffled"}
     assert metrics["metrics"]["vision"]["source"] == "trained" and metrics["metrics"]["vision"]["tokens_per_image"] == 17
     assert metrics["params"]["steps"] == 3 and metrics["seed"] == 0 and "torch" in metrics["versions"]
-    for f in ("loss.png", "aligner/config.json", "vision/config.json", "vision/model.safetensors", "vision/metrics.json"):
+    for f in ("loss.png", "aligner/config.json", "vision/config.json", "vision/model.safetensors",
+              "vision/metrics.json"):
         assert (run / f).exists(), f
     assert len((run / "loss.csv").read_text().splitlines()) == 4
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match=r"other settings \(then -> now\): lr 0.001 -> 0.05; remove"):
+        _run(tmp_path, data_dir=str(renders), lr=0.05)  # its checkpoint and vision encoder were made with lr 0.001
 
 
 def test_pipeline_names_bad_parameters(tmp_path):
     import papermill as pm
-    with pytest.raises(pm.PapermillExecutionError, match=r"parameter norm='layer' is not one of \['t5', 'default', 'none'\]; "
-                                                          r"parameter steps must be a positive integer, got 0"):
+    with pytest.raises(pm.PapermillExecutionError,
+                       match=r"parameter norm='layer' is not one of \['t5', 'default', 'none'\]; "
+                                                          r"parameter steps must be positive, got 0"):
         _run(tmp_path, steps=0, norm="layer")

@@ -1,4 +1,5 @@
-"CoBSAT: the inference path, the scoring rule, the released-image layout, the evaluation notebook, its determinism over processes."
+("CoBSAT: the inference path, the scoring rule, the released-image layout, the evaluation notebook, its determinism "
+ "over processes.")
 import json, os, subprocess, sys
 from pathlib import Path
 import numpy as np
@@ -23,7 +24,8 @@ def aligners(tmp_path_factory):
     torch.manual_seed(0)
     for name in ALIGNER_METHODS:
         Aligner(32, 32).save_pretrained(root / name)
-    save_readout(torch.eye(33, 32) + 0.01 * torch.randn(33, 32), root / "thinkdiff")  # as 03_train writes beside a generated-token aligner
+    # as 03_train writes beside a generated-token aligner
+    save_readout(torch.eye(33, 32) + 0.01 * torch.randn(33, 32), root / "thinkdiff")
     return root
 
 
@@ -48,7 +50,8 @@ def test_inference_path_end_to_end(tiny_td):
     aligned = conditioning(tiny_td, "thinkdiff", prompts, responses)[0]
     assert torch.allclose(hybrid[:, :6], aligned)
     readout = tiny_td.readouts["thinkdiff"]
-    assert torch.allclose(conditioning(tiny_td, "thinkdiff-readout", prompts, responses)[0], aligned @ readout[:-1] + readout[-1])
+    assert torch.allclose(conditioning(tiny_td, "thinkdiff-readout", prompts, responses)[0],
+                          aligned @ readout[:-1] + readout[-1])
     with pytest.raises(ValueError, match="unknown method"):
         conditioning(tiny_td, "magic", prompts, responses)
 
@@ -56,7 +59,8 @@ def test_inference_path_end_to_end(tiny_td):
 def test_both_right_scoring_on_hand_made_judge_outputs():
     prompts = task_prompts(TASKS[6], 2, 5)  # Action-I: targets (theta animal, x_query action)
     t = [p.target for p in prompts]
-    judged = [t[0], (t[1][0], "cry" if t[1][1] != "cry" else "run"), ("zebra" if t[2][0] != "zebra" else "cat", t[2][1]),
+    judged = [t[0], (t[1][0], "cry" if t[1][1] != "cry" else "run"),
+              ("zebra" if t[2][0] != "zebra" else "cat", t[2][1]),
               (None, None), t[4]]
     s = score(judged, prompts)
     assert s["both"].tolist() == [True, False, False, False, True]
@@ -70,7 +74,8 @@ def test_both_right_scoring_on_hand_made_judge_outputs():
 
 def test_evaluation_is_deterministic_and_resumable(tiny_td, tmp_path):
     judges = {"mini": load_cobsat_judge("tiny-random", "mini")}
-    kwargs = dict(shots=(2,), n_prompts=3, methods=("thinkdiff", "text-bridge"), tasks=TASKS[:2], n_tokens=4, steps=2, batch_size=2)
+    kwargs = dict(shots=(2,), n_prompts=3, methods=("thinkdiff", "text-bridge"), tasks=TASKS[:2], n_tokens=4, steps=2,
+                  batch_size=2)
     a = evaluate(tiny_td, judges, tmp_path / "a", **kwargs)
     b = evaluate(tiny_td, judges, tmp_path / "b", **kwargs)
     pd.testing.assert_frame_equal(a, b)
@@ -104,7 +109,8 @@ def test_released_layout_is_read_and_a_missing_image_is_named(tmp_path):
     with pytest.raises(ValueError, match=f"{a}_{s}.jpg cannot be read"):
         CobsatImages(folder).demonstrations(prompt)
     cobsat_image_path(folder, "texture_object", "cup", "lace").unlink()
-    with pytest.raises(FileNotFoundError, match="1 of CoBSAT's 500 images are missing, e.g. .*texture_cup/lace_cup.jpg"):
+    with pytest.raises(FileNotFoundError,
+                       match="1 of CoBSAT's 500 images are missing, e.g. .*texture_cup/lace_cup.jpg"):
         CobsatImages(folder)
     with pytest.raises(FileNotFoundError, match="no datasets/ folder"):
         CobsatImages(tmp_path)
@@ -112,7 +118,7 @@ def test_released_layout_is_read_and_a_missing_image_is_named(tmp_path):
 
 def _run_cobsat(tmp_path, trained, name, **params):
     import papermill as pm
-    base = dict(profile="tiny-random", aligners={n: str(trained / n) for n in ALIGNER_METHODS},
+    base = dict(profile="tiny-random", aligners={n: str(trained / n) for n in ALIGNER_METHODS}, methods=list(METHODS),
                 n_prompts=2, n_tokens=4, sample_steps=2, shots=[2], output_dir=str(tmp_path / name))
     pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / f"{name}.ipynb"), parameters={**base, **params},
                         cwd=str(NBS), progress_bar=False, kernel_name="python3")
@@ -128,9 +134,13 @@ def test_cobsat_notebook_tiny_and_deterministic(tmp_path, aligners):
     assert list(table.index) == ["vlm-text", *METHODS] and table.shape[1] == 11
     assert (first / "accuracy_by_task.png").exists() and (first / "figure5_2shot.png").exists()
     beside = pd.read_csv(first / "table_2shot_with_published.csv", index_col=0)  # ours, then the published means
-    assert list(beside.index[-4:]) == [f"{m} (published)" for m in ("thinkdiff", "no-masking", "input-tokens", "text-bridge")]
+    assert list(beside.index[-4:]) == [f"{m} (published)" for m in ("thinkdiff", "no-masking", "input-tokens",
+                                                                    "text-bridge")]
     assert beside.loc["thinkdiff (published)", "mean"] == pytest.approx(0.417)
     assert json.loads((first / "metrics.json").read_text())["params"]["n_prompts"] == 2
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match=r"other settings \(then -> now\): seed 0 -> 7; remove it"):
+        _run_cobsat(tmp_path, aligners, "first", seed=7)  # its records/ hold the blocks drawn with seed 0
 
 
 def test_cobsat_notebook_rejects_bad_parameters(tmp_path, aligners):
@@ -148,9 +158,12 @@ def test_cobsat_notebook_rejects_bad_parameters(tmp_path, aligners):
 
 def test_generate_notebook_names_the_aligner_it_lacks(tmp_path):
     import papermill as pm
-    with pytest.raises(pm.PapermillExecutionError, match=r"need aligners \['no-masking'\]: give them in parameter aligners"):
-        pm.execute_notebook(str(NBS / "06_generate.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NBS), progress_bar=False,
-                            parameters=dict(profile="tiny-random", methods=["no-masking"], output_dir=str(tmp_path / "gen")),
+    with pytest.raises(pm.PapermillExecutionError,
+                       match=r"need aligners \['no-masking'\]: give them in parameter aligners"):
+        pm.execute_notebook(str(NBS / "06_generate.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NBS),
+                            progress_bar=False,
+                            parameters=dict(profile="tiny-random", methods=["no-masking"],
+                                            output_dir=str(tmp_path / "gen")),
                             kernel_name="python3")
 
 
@@ -159,10 +172,13 @@ def test_cobsat_notebook_on_tiny_paper_with_released_images_and_the_llava_judge(
     "The paper's path end to end: released-layout images, FluxPipeline, CoBSAT's LLaVA questions and CLIP metric."
     import papermill as pm
     folder = write_cobsat_folder(tmp_path / "cobsat", sizes=(40, 64, 96))
-    params = dict(profile="tiny-paper", judge="llava", secondary_judges=["clip"], judge_max_new_tokens=3, cobsat_dir=str(folder),
-                  methods=["thinkdiff", "text-bridge"], n_prompts=2, n_tokens=4, sample_steps=2, shots=[2], batch_size=2)
+    params = dict(profile="tiny-paper", judge="llava", secondary_judges=["clip"], judge_max_new_tokens=3,
+                  cobsat_dir=str(folder),
+                  methods=["thinkdiff", "text-bridge"], n_prompts=2, n_tokens=4, sample_steps=2, shots=[2],
+                  batch_size=2)
     out = tmp_path / "run"
-    pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "run.ipynb"), parameters={**params, "output_dir": str(out)},
+    pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "run.ipynb"),
+                        parameters={**params, "output_dir": str(out)},
                         progress_bar=False, kernel_name="python3")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["judges"] == ["llava", "clip"] and metrics["run"]["demonstrations"] == str(folder)
@@ -172,10 +188,12 @@ def test_cobsat_notebook_on_tiny_paper_with_released_images_and_the_llava_judge(
     assert len(drawn) == 10 * 2 * 2 and drawn["reply_subject"].notna().all()  # LLaVA's raw replies are kept
     assert (drawn["clip_similarity"] >= 0).all() and set(drawn["clip_both"]) <= {True, False}
     assert (out / "table_2shot_all_clip_both.csv").exists()
-    # the paper's scale keeps every drawn image: judged again by CLIP alone, from the files, the run's CLIP columns return
+    # the paper's scale keeps every drawn image: judged again by CLIP alone, from the files, the run's CLIP columns
+    # return
     assert metrics["run"]["keep_images"] and metrics["run"]["vlm_sampling"]["features"]["repetition_penalty"] == 1.0
     again = tmp_path / "again"
-    pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "again.ipynb"), progress_bar=False, kernel_name="python3",
+    pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "again.ipynb"), progress_bar=False,
+                        kernel_name="python3",
                         parameters=dict(profile="tiny-paper", judge="clip", judge_from=str(out), output_dir=str(again)))
     rejudged = pd.concat(pd.read_csv(p) for p in sorted((again / "records").glob("*.csv")))
     rejudged = rejudged[rejudged["method"] != "vlm-text"]
@@ -188,12 +206,14 @@ def test_cobsat_notebook_on_tiny_paper_with_released_images_and_the_llava_judge(
     cobsat_image_path(folder, "action_animal", "dog", "sing").unlink()
     with pytest.raises(pm.PapermillExecutionError, match="action_dog/sing_dog.jpg"):
         pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "missing.ipynb"),
-                            parameters={**params, "output_dir": str(tmp_path / "missing")}, progress_bar=False, kernel_name="python3")
+                            parameters={**params, "output_dir": str(tmp_path / "missing")}, progress_bar=False,
+                            kernel_name="python3")
 
 
 @pytest.mark.slow  # two accelerate processes
 def test_cobsat_notebook_over_two_processes_matches_one(tmp_path, aligners):
-    "Under accelerate launch the processes share the blocks; the records equal one process's, and only the main one writes."
+    ("Under accelerate launch the processes share the blocks; the records equal one process's, and only the main one "
+     "writes.")
     root = Path(__file__).parents[1]
     params = ["-p", "profile", "tiny-random", "-p", "n_prompts", "3", "-p", "batch_size", "2", "-p", "n_tokens", "4",
               "-p", "sample_steps", "2", "-y", "shots: [2]\nmethods: [thinkdiff, oracle]",
@@ -202,12 +222,16 @@ def test_cobsat_notebook_over_two_processes_matches_one(tmp_path, aligners):
     bin_dir = Path(sys.executable).parent
     for command in ([str(bin_dir / "papermill"), "nbs/05_cobsat.ipynb", str(tmp_path / "one.ipynb"), *params,
                      "-p", "output_dir", str(tmp_path / "one")],
-                    [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519", "tools/papermill_ranks.py",
-                     "nbs/05_cobsat.ipynb", str(tmp_path / "two" / "05_cobsat.ipynb"), *params, "-p", "output_dir", str(tmp_path / "two")]):
+                    [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                     "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+                     "tools/papermill_ranks.py",
+                     "nbs/05_cobsat.ipynb", str(tmp_path / "two" / "05_cobsat.ipynb"), *params, "-p", "output_dir",
+                     str(tmp_path / "two")]):
         done = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
     for unit in [f"shot2_task{t:02d}.csv" for t in range(1, 11)]:
         assert (tmp_path / "one" / "records" / unit).read_text() == (tmp_path / "two" / "records" / unit).read_text()
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["run"]["processes"] == 2
-    assert (tmp_path / "one" / "table_2shot_all_both.csv").read_text() == (tmp_path / "two" / "table_2shot_all_both.csv").read_text()
+    assert (tmp_path / "one" / "table_2shot_all_both.csv").read_text() == (tmp_path / "two"
+                                                                           / "table_2shot_all_both.csv").read_text()

@@ -1,4 +1,5 @@
-"12_compose: a researcher's own image files composed by ThinkDiff-CLIP through FLUX and CogVideoX, on mini and tiny-paper."
+("12_compose: a researcher's own image files composed by ThinkDiff-CLIP through FLUX and CogVideoX, on mini and "
+ "tiny-paper.")
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,8 @@ KINDS = ["image+text", "two-images", "two-images+text"]
 
 @pytest.fixture(autouse=True)
 def inline_figures(monkeypatch):
-    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as a reader's: figures land in the notebook
+    # the kernel's inline backend, as a reader's: figures land in the notebook
+    monkeypatch.delenv("MPLBACKEND", raising=False)
 
 
 @pytest.fixture
@@ -28,7 +30,8 @@ def own_images(tmp_path) -> list[str]:
 
 
 def _compose(tmp_path, name="run", **params) -> Path:
-    pm.execute_notebook(str(NBS / "12_compose.ipynb"), str(tmp_path / f"{name}.ipynb"), progress_bar=False, kernel_name="python3",
+    pm.execute_notebook(str(NBS / "12_compose.ipynb"), str(tmp_path / f"{name}.ipynb"), progress_bar=False,
+                        kernel_name="python3",
                         parameters={"output_dir": str(tmp_path / name), **params})
     return tmp_path / name
 
@@ -56,7 +59,7 @@ def _drawn(run: Path, metrics: dict, size: int):
 
 
 def test_mini_composes_own_images_and_refuses_a_rerun_with_other_settings(tmp_path, own_images):
-    run = _compose(tmp_path, images=own_images, text="green", steps=2)
+    run = _compose(tmp_path, images=own_images, text="green", sample_steps=2)
     record = json.loads((run / "metrics.json").read_text())
     metrics = record["metrics"]
     assert record["params"]["images"] == own_images and record["seed"] == 42
@@ -68,12 +71,14 @@ def test_mini_composes_own_images_and_refuses_a_rerun_with_other_settings(tmp_pa
     _drawn(run, metrics, 32)
     # 17 mini vision tokens per image, the mini T5's 24 text tokens
     assert {k: m["prompt_embeds"] for k, m in metrics["kinds"].items()} == {
-        "image+text": [1, 17 + 24, 128], "two-images": [1, 17 + 17 + 24, 128], "two-images+text": [1, 17 + 17 + 24, 128]}
+        "image+text": [1, 17 + 24, 128], "two-images": [1, 17 + 17 + 24, 128],
+        "two-images+text": [1, 17 + 17 + 24, 128]}
     assert [metrics["kinds"][k]["text"] for k in KINDS] == ["green", "", "green"]
-    assert metrics["video"] is None and metrics["resident_at_video"] == ["vision", "aligner"]  # mini names no video pipeline
+    # mini names no video pipeline
+    assert metrics["video"] is None and metrics["resident_at_video"] == ["vision", "aligner"]
     assert _figures(tmp_path / "run.ipynb") == 1  # the grid, inline
-    _refused(tmp_path, r"holds blocks made with other settings, \{'steps': \(2, 3\)\}", name="run", images=own_images,
-             text="green", steps=3)
+    _refused(tmp_path, r"holds a run made with other settings \(then -> now\): sample_steps 2 -> 3; remove it",
+             name="run", images=own_images, text="green", sample_steps=3)
 
 
 def test_bad_inputs_are_named_before_any_model_loads(tmp_path, own_images):
@@ -92,7 +97,7 @@ def test_bad_inputs_are_named_before_any_model_loads(tmp_path, own_images):
 
 @pytest.mark.slow
 def test_tiny_paper_composes_own_images_and_draws_a_video_after_releasing_flux(tmp_path, own_images):
-    run = _compose(tmp_path, profile="tiny-paper", images=own_images, text="a panda playing a guitar", steps=2,
+    run = _compose(tmp_path, profile="tiny-paper", images=own_images, text="a panda playing a guitar", sample_steps=2,
                    video_frames=9, video_height=32, video_width=32, video_steps=2)
     record = json.loads((run / "metrics.json").read_text())
     metrics = record["metrics"]

@@ -1,4 +1,5 @@
-"ThinkDiff-CLIP's compositions: the 11_composition pipeline on mini and, chained after 10_train_clip, on tiny-paper with video."
+("ThinkDiff-CLIP's compositions: the 11_composition pipeline on mini and, chained after 10_train_clip, on tiny-paper "
+ "with video.")
 import json, sys
 from pathlib import Path
 import nbformat
@@ -7,7 +8,8 @@ import papermill as pm
 import pytest
 from thinkdiff_nb.backbones import get_profile
 from thinkdiff_nb.composition import read_video
-from thinkdiff_nb.composition_scores import COMPOSITION_KINDS, CONDITIONINGS
+from thinkdiff_nb.composition_scores import COMPOSITION_KINDS
+from thinkdiff_nb.methods import CONDITIONINGS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from official_layout import projector, write_official  # noqa: E402
@@ -17,12 +19,14 @@ NBS = Path(__file__).parents[1] / "nbs"
 
 @pytest.fixture(autouse=True)
 def inline_figures(monkeypatch):
-    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as a reader's: figures land in the notebook
+    # the kernel's inline backend, as a reader's: figures land in the notebook
+    monkeypatch.delenv("MPLBACKEND", raising=False)
 
 
 def _compose(tmp_path, name="run", **params):
     base = dict(n_probes=10, batch_size=5, grid_probes=1, output_dir=str(tmp_path / name))
-    pm.execute_notebook(str(NBS / "11_composition.ipynb"), str(tmp_path / f"{name}.ipynb"), parameters={**base, **params},
+    pm.execute_notebook(str(NBS / "11_composition.ipynb"), str(tmp_path / f"{name}.ipynb"),
+                        parameters={**base, **params},
                         progress_bar=False, kernel_name="python3")
     return tmp_path / name
 
@@ -58,21 +62,23 @@ def test_a_rerun_reuses_the_written_blocks(tmp_path):
     block.unlink()  # as if the run had stopped there
     _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2)
     assert (run / "records.csv").read_text() == first
-    with pytest.raises(pm.PapermillExecutionError, match=r"holds blocks made with other settings, \{'steps': \(0, 3\)\}"):
-        _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2, steps=3)  # not mixed into the blocks drawn at 0
+    with pytest.raises(pm.PapermillExecutionError, match=r"other settings \(then -> now\): sample_steps 0 -> 3"):
+        _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2, sample_steps=3)  # not mixed into blocks of 0
 
 
 def test_bad_parameters_are_named(tmp_path):
-    with pytest.raises(pm.PapermillExecutionError, match=r"parameter kinds=\['three-images'\] has \['three-images'\], not among "
+    with pytest.raises(pm.PapermillExecutionError,
+                       match=r"parameter kinds=\['three-images'\] has \['three-images'\], not among "
                                                           r".*parameter judge='gemini' is not one of"):
         _compose(tmp_path, kinds=["three-images"], judge="gemini")
-    with pytest.raises(pm.PapermillExecutionError, match="parameter n_probes must be a positive integer, got 0"):
+    with pytest.raises(pm.PapermillExecutionError, match="parameter n_probes must be positive, got 0"):
         _compose(tmp_path, n_probes=0)
 
 
 def test_an_aligner_of_other_widths_or_none_is_named(tmp_path):
     tiny = get_profile("tiny-paper")  # its CLIP aligner reads 48-wide BLIP-2 tokens, the mini encoder writes 64
-    with pytest.raises(pm.PapermillExecutionError, match="reads 48-wide tokens but the vision encoder writes 64-wide ones"):
+    with pytest.raises(pm.PapermillExecutionError,
+                       match="reads 48-wide tokens but the vision encoder writes 64-wide ones"):
         _compose(tmp_path, clip_aligner=tiny.clip_aligner)
     with pytest.raises(pm.PapermillExecutionError, match="no aligner at"):
         _compose(tmp_path, clip_aligner=str(tmp_path / "absent"))
@@ -87,9 +93,11 @@ def test_two_processes_share_the_blocks_and_agree_with_one(tmp_path):
     from thinkdiff_nb.judges import load_cobsat_judge
     from thinkdiff_nb.composition_scores import evaluate_compositions
     mini = get_profile("mini")
-    models = dict(decoder=load_image_decoder(mini), judge=load_cobsat_judge(mini, "mini"), vision=load_vision(mini.vision),
+    models = dict(decoder=load_image_decoder(mini), judge=load_cobsat_judge(mini, "mini"),
+                  vision=load_vision(mini.vision),
                   aligner=load_aligner(mini.clip_aligner).eval())
-    run = lambda out, share: evaluate_compositions(out_dir=out, kinds=["two-images+text"], n_probes=4, batch_size=2, share=share,
+    run = lambda out, share: evaluate_compositions(out_dir=out, kinds=["two-images+text"], n_probes=4, batch_size=2,
+                                                   share=share,
                                                    poll_seconds=0.1, **models)
     one = run(tmp_path / "one", (0, 1))
     with ThreadPoolExecutor(2) as pool:
@@ -99,24 +107,31 @@ def test_two_processes_share_the_blocks_and_agree_with_one(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_paper_trains_composes_and_draws_a_video(tmp_path):
-    "10_train_clip on tiny-paper (BLIP-2's tower), its aligner through 11_composition with FLUX, the CLIP judge and CogVideoX."
-    pm.execute_notebook(str(NBS / "10_train_clip.ipynb"), str(tmp_path / "train.ipynb"), progress_bar=False, kernel_name="python3",
-                        parameters=dict(profile="tiny-paper", steps=3, batch_size=4, eval_batches=1, ckpt_every=2, warmup=1,
+    ("10_train_clip on tiny-paper (BLIP-2's tower), its aligner through 11_composition with FLUX, the CLIP judge and "
+     "CogVideoX.")
+    pm.execute_notebook(str(NBS / "10_train_clip.ipynb"), str(tmp_path / "train.ipynb"), progress_bar=False,
+                        kernel_name="python3",
+                        parameters=dict(profile="tiny-paper", steps=3, batch_size=4, eval_batches=1, ckpt_every=2,
+                                        warmup=1,
                                         max_images=40, keep_tokens=False, output_dir=str(tmp_path / "train")))
     trained = json.loads((tmp_path / "train" / "metrics.json").read_text())["metrics"]
     assert trained["vision"]["tokens_per_image"] == 65  # 257 BLIP-2 tokens pooled as in the paper
     run = _compose(tmp_path, profile="tiny-paper", clip_aligner=str(tmp_path / "train" / "aligner"), judge="clip",
-                   n_probes=2, batch_size=2, steps=2, video_frames=9, video_height=32, video_width=48, video_steps=2)
+                   n_probes=2, batch_size=2, sample_steps=2, video_frames=9, video_height=32, video_width=48,
+                   video_steps=2)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["run"]["decoder"] == "FluxPipeline" and metrics["run"]["judge"] == "clip"
     assert metrics["metrics"]["tokens_per_image"] == 65 and len(pd.read_csv(run / "records.csv")) == 3 * 2 * len(CONDITIONINGS)
     assert read_video(run / "video.mp4").shape == (9, 32, 48, 3)
-    assert metrics["metrics"]["resident_at_video"] == ["vision", "aligner"]  # FLUX and the judge released before CogVideoX loaded
-    assert {k: metrics["metrics"]["video"][k] for k in ("frames", "height", "width")} == {"frames": 9, "height": 32, "width": 48}
+    # FLUX and the judge released before CogVideoX loaded
+    assert metrics["metrics"]["resident_at_video"] == ["vision", "aligner"]
+    assert {k: metrics["metrics"]["video"][k] for k in ("frames", "height", "width")} == {"frames": 9, "height": 32,
+                                                                                          "width": 48}
     assert _figures(tmp_path / "run.ipynb") == 3  # scores, grid, video frames
     # the released thinkdiff_clip.pth layout, at tiny-paper's widths, in place of the trained folder
     released = write_official(tmp_path / "thinkdiff_clip.pth", projector(48, 32, seed=3))
     run = _compose(tmp_path, name="released", profile="tiny-paper", clip_aligner=str(released), kinds=["image+text"],
-                   n_probes=2, batch_size=2, steps=2, video_frames=9, video_height=32, video_width=32, video_steps=2)
+                   n_probes=2, batch_size=2, sample_steps=2, video_frames=9, video_height=32, video_width=32,
+                   video_steps=2)
     assert json.loads((run / "metrics.json").read_text())["run"]["clip_aligner"] == str(released)
     assert read_video(run / "video.mp4").shape == (9, 32, 32, 3)

@@ -1,11 +1,12 @@
-"Data-parallel runs on two CPU processes (accelerate launch, gloo) compute what one process does, and only the main one writes."
+("Data-parallel runs on two CPU processes (accelerate launch, gloo) compute what one process does, and only the main "
+ "one writes.")
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
 from thinkdiff_nb.aligner import Aligner
-from thinkdiff_nb.loop import fit
+from thinkdiff_nb.loop import Schedule, fit
 
 pytestmark = pytest.mark.slow  # two accelerate processes per run
 
@@ -15,7 +16,8 @@ ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--mult
 
 
 def _run(command: list, cwd=ROOT, **env):
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg", **env})
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "MPLBACKEND": "Agg", **env})
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -35,7 +37,8 @@ def test_extraction_over_two_processes_writes_the_one_process_cache(one_and_two)
     one, two = one_and_two
     manifests = [json.loads((d / "features" / "manifest.json").read_text()) for d in one_and_two]
     for m in manifests: m["params"].pop("model")  # each run's temporary profile folder
-    assert len(manifests[0]["shards"]) == 5 and manifests[0] == manifests[1]  # 14 samples in shards of 3, same checksums
+    # 14 samples in shards of 3, same checksums
+    assert len(manifests[0]["shards"]) == 5 and manifests[0] == manifests[1]
     assert not list((two / "features").glob("*.entry.json"))  # every entry folded into the manifest
 
 
@@ -52,7 +55,8 @@ def test_two_processes_killed_and_resumed_train_like_one(one_and_two):
 def test_a_checkpoint_resumes_only_with_its_process_count(one_and_two):
     _, two = one_and_two
     with pytest.raises(ValueError, match="written by 2 processes; resume it with as many, not 1"):
-        fit(Aligner(32, 32), lambda model, g: model(torch.zeros(1, 1, 32)).sum(), 6, two / "checkpoint.pt")
+        fit(Aligner(32, 32), lambda model, g: model(torch.zeros(1, 1, 32)).sum(), Schedule(steps=6),
+            two / "checkpoint.pt")
 
 
 def test_train_notebook_over_two_processes(tmp_path):
@@ -63,10 +67,13 @@ def test_train_notebook_over_two_processes(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([str(Path(sys.executable).parent / "papermill"), "nbs/03_train.ipynb", str(tmp_path / "one.ipynb"), *params,
           "-p", "output_dir", str(one)])
-    _run(ACCELERATE + ["--main_process_port", "29518", "tools/papermill_ranks.py", "nbs/03_train.ipynb", str(two / "03_train.ipynb"),
+    _run(ACCELERATE + ["--main_process_port", "29518", "tools/papermill_ranks.py", "nbs/03_train.ipynb",
+                       str(two / "03_train.ipynb"),
                        *params, "-p", "output_dir", str(two), "-p", "feature_cache", str(one / "features"),
                        "-p", "data_dir", str(one / "data")])
     assert (one / "loss.csv").read_text() == (two / "loss.csv").read_text()
     assert json.loads((two / "metrics.json").read_text())["run"]["processes"] == 2
-    assert sorted(p.name for p in two.iterdir()) == ["03_train.ipynb", "03_train.rank1.ipynb", "aligner", "checkpoint.pt",
-                                                     "loss.csv", "loss.png", "metrics.json"]
+    assert sorted(p.name for p in two.iterdir()) == ["03_train.ipynb", "03_train.rank1.ipynb", "aligner",
+                                                     "checkpoint.pt",
+                                                     "legs.json", "loss.csv", "loss.png", "metrics.json",
+                                                     "settings.json"]

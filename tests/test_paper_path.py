@@ -1,4 +1,5 @@
-"The paper's code path on the tiny-paper profile: FluxPipeline drawing, the decoder-only Flan-T5, the pipelines end to end."
+("The paper's code path on the tiny-paper profile: FluxPipeline drawing, the decoder-only Flan-T5, the pipelines end "
+ "to end.")
 import json
 from pathlib import Path
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from thinkdiff_nb.backbones import get_profile, load_t5, t5_decoder_only
 from thinkdiff_nb.image_decoders import FluxDecoder
 from thinkdiff_nb.inference import ThinkDiff, conditioning, respond
+from thinkdiff_nb.methods import METHODS
 from thinkdiff_nb.world import TASKS, task_prompts
 from official_layout import projector, write_official
 
@@ -53,13 +55,15 @@ def test_decoder_only_flan_t5_reads_like_the_whole_model(paper):
     assert not any(n.startswith("encoder.") for n, _ in side.named_parameters())
     labels = tokenizer(["a red car", "a dog in a forest"], padding=True, return_tensors="pt").input_ids
     states = torch.randn(2, 7, 32)
-    assert torch.allclose(side(encoder_outputs=(states,), labels=labels).loss, whole(encoder_outputs=(states,), labels=labels).loss)
+    assert torch.allclose(side(encoder_outputs=(states,), labels=labels).loss,
+                          whole(encoder_outputs=(states,), labels=labels).loss)
     bf16 = t5_decoder_only(paper.t5, dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
 def test_generate_notebook_draws_through_flux_with_the_released_weights_layout(tmp_path, paper):
-    released = write_official(tmp_path / "thinkdiff_lvlm.pth", projector(48, 32))  # the release's layout, at tiny widths
+    # the release's layout, at tiny widths
+    released = write_official(tmp_path / "thinkdiff_lvlm.pth", projector(48, 32))
     metrics = _papermill("06_generate.ipynb", tmp_path, **SMALL, samples=2, aligners={"thinkdiff": str(released)},
                          output_dir=str(tmp_path / "generate"))
     assert metrics["run"]["pipeline_class"] == "FluxPipeline" and metrics["run"]["aligners"]["thinkdiff"] == str(released)
@@ -68,7 +72,8 @@ def test_generate_notebook_draws_through_flux_with_the_released_weights_layout(t
 
 
 def test_cobsat_notebook_at_tiny_paper_size(tmp_path):
-    metrics = _papermill("05_cobsat.ipynb", tmp_path, **SMALL, n_prompts=1, shots=[2], output_dir=str(tmp_path / "cobsat"))
+    metrics = _papermill("05_cobsat.ipynb", tmp_path, **SMALL, n_prompts=1, shots=[2], methods=list(METHODS),
+                         output_dir=str(tmp_path / "cobsat"))
     assert metrics["run"]["pipeline_class"] == "FluxPipeline" and metrics["run"]["image_size"] == 32
     table = (tmp_path / "cobsat" / "table_2shot_all_both.csv").read_text().splitlines()
     assert len(table) == 1 + 10 and table[0].endswith(",mean")  # vlm-text and the nine methods, ten tasks and the mean
@@ -80,14 +85,17 @@ def test_train_notebook_on_tiny_paper_then_from_the_cache_loads_only_the_t5_deco
     first = _papermill("03_train.ipynb", tmp_path, **base, output_dir=str(tmp_path / "first"))
     assert first["run"]["loaded"]["t5"] == "whole" and first["run"]["loaded"]["image_decoder"] == "FluxPipeline"
     assert first["run"]["loaded"]["vlm"] and np.isfinite(first["metrics"]["image_decoder_flow_loss"]["aligned"])
-    second = _papermill("03_train.ipynb", tmp_path, **base, diagnostics=False, feature_cache=str(tmp_path / "first" / "features"),
+    second = _papermill("03_train.ipynb", tmp_path, **base, diagnostics=False,
+                        feature_cache=str(tmp_path / "first" / "features"),
                         data_dir=str(tmp_path / "first" / "data"), output_dir=str(tmp_path / "second"))
     assert second["run"]["loaded"] == {"t5": "decoder only", "vlm": None, "image_decoder": None}
-    assert (tmp_path / "second" / "aligner" / "config.json").exists()  # the notebook reloads it and asserts it bit-equal
+    # the notebook reloads it and asserts it bit-equal
+    assert (tmp_path / "second" / "aligner" / "config.json").exists()
 
 
 def test_premise_notebook_measures_the_released_layout_against_both_t5s(tmp_path):
-    "07_premise on tiny-paper: a released-layout aligner, answers to mixed-size webdataset images, Flan-T5's and FLUX's T5."
+    ("07_premise on tiny-paper: a released-layout aligner, answers to mixed-size webdataset images, Flan-T5's and "
+     "FLUX's T5.")
     from thinkdiff_nb.data import write_webdataset
     data = write_webdataset(tmp_path / "wds", n_train=0, n_validation=10, per_tar=4)
     released = write_official(tmp_path / "thinkdiff_lvlm.pth", projector(48, 32))

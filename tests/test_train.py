@@ -13,7 +13,7 @@ from thinkdiff_nb.features import FeatureCache, extract_features, generate_with_
 import thinkdiff_nb.features as features_module
 from thinkdiff_nb.methods import ALIGNER_METHODS
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn, cache_pixels, make_example, split_point
-from thinkdiff_nb.loop import fit
+from thinkdiff_nb.loop import Schedule, fit
 
 NBS = Path(__file__).parents[1] / "nbs"
 
@@ -40,7 +40,8 @@ def test_official_row_semantics(tiny):
         full = vlm(**vlm_batch(processor, msgs[b:b + 1], [[images[b]]]), output_hidden_states=True).hidden_states[-1][0]
         assert torch.allclose(s["generated_features"][0], full[-1], atol=1e-4)      # row 0 = last prompt state
         assert torch.allclose(s["prompt_features"], full, atol=1e-4)                 # padding removed
-        assert torch.equal(vlm.lm_head(s["generated_features"]).argmax(-1), s["generated_ids"])  # row k predicts token k
+        # row k predicts token k
+        assert torch.equal(vlm.lm_head(s["generated_features"]).argmax(-1), s["generated_ids"])
         assert len(s["generated_features"]) == len(s["generated_ids"])
 
 
@@ -51,10 +52,12 @@ def test_split_never_empty_and_one_token_answers():
     assert {split_point(200, 128, random.Random(k)) for k in range(2000)} <= set(range(1, 129))
     class Tok:
         def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids.tolist()))
-    one = {"generated_ids": torch.tensor([5]), "generated_features": torch.ones(1, 4), "prompt_features": torch.ones(3, 4)}
+    one = {"generated_ids": torch.tensor([5]), "generated_features": torch.ones(1, 4),
+           "prompt_features": torch.ones(3, 4)}
     feats, target = make_example(one, "thinkdiff", random.Random(0), Tok())
     assert feats.shape == (1, 4) and target == "5"
-    two = {"generated_ids": torch.tensor([5, 6]), "generated_features": torch.ones(2, 4), "prompt_features": torch.ones(3, 4)}
+    two = {"generated_ids": torch.tensor([5, 6]), "generated_features": torch.ones(2, 4),
+           "prompt_features": torch.ones(3, 4)}
     feats, target = make_example(two, "thinkdiff", random.Random(0), Tok())
     assert feats.shape == (1, 4) and target == "6"
 
@@ -62,7 +65,8 @@ def test_split_never_empty_and_one_token_answers():
 def test_interrupted_extraction_resumes_to_identical_shards(tiny, tmp_path, monkeypatch):
     _, (vlm, processor), _ = tiny
     source = _data(12)
-    whole = extract_features(vlm, processor, source, tmp_path / "whole", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4, max_new_tokens=5)
+    whole = extract_features(vlm, processor, source, tmp_path / "whole", DESCRIBE_INSTRUCTIONS, shard_size=4,
+                             batch_size=4, max_new_tokens=5)
     real_write, calls = features_module.write_shard, []
     def dying_write(path, samples, shard_rows, **kw):
         calls.append(path)
@@ -70,10 +74,12 @@ def test_interrupted_extraction_resumes_to_identical_shards(tiny, tmp_path, monk
         real_write(path, samples, shard_rows, **kw)
     monkeypatch.setattr(features_module, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(vlm, processor, source, tmp_path / "resumed", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4, max_new_tokens=5)
+        extract_features(vlm, processor, source, tmp_path / "resumed", DESCRIBE_INSTRUCTIONS, shard_size=4,
+                         batch_size=4, max_new_tokens=5)
     assert len(json.loads((tmp_path / "resumed" / "manifest.json").read_text())["shards"]) == 1
     monkeypatch.setattr(features_module, "write_shard", real_write)
-    resumed = extract_features(vlm, processor, source, tmp_path / "resumed", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4,
+    resumed = extract_features(vlm, processor, source, tmp_path / "resumed", DESCRIBE_INSTRUCTIONS, shard_size=4,
+                               batch_size=4,
                                max_new_tokens=5)
     assert [s["sha256"] for s in resumed.shards] == [s["sha256"] for s in whole.shards]
     assert len(resumed) == 12 and resumed[11]["text"] == whole[11]["text"]
@@ -82,13 +88,15 @@ def test_interrupted_extraction_resumes_to_identical_shards(tiny, tmp_path, monk
 def test_cache_errors(tiny, tmp_path):
     _, (vlm, processor), _ = tiny
     source = _data(8)
-    cache = extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4, max_new_tokens=4)
+    cache = extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4,
+                             max_new_tokens=4)
     with pytest.raises(ValueError, match="expected 3584"):
         FeatureCache(tmp_path / "f", expected_width=3584)
     with pytest.raises(FileNotFoundError, match="no feature cache"):
         FeatureCache(tmp_path / "missing")
     with pytest.raises(ValueError, match="use another folder"):
-        extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4, max_new_tokens=9)
+        extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=4, batch_size=4,
+                         max_new_tokens=9)
     shard = tmp_path / "f" / cache.shards[1]["file"]
     data = bytearray(shard.read_bytes()); data[-10] ^= 0xFF; shard.write_bytes(bytes(data))
     fresh = FeatureCache(tmp_path / "f")
@@ -103,9 +111,11 @@ def test_cache_pixels_are_the_described_images(tiny, tmp_path):
     _, (vlm, processor), _ = tiny
     root = write_image_caption_set(tmp_path / "data", 1, themes=[THEMES["color_object"]])
     source = open_image_captions(root, "train")
-    cache = extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, samples=6, shard_size=6, batch_size=6,
+    cache = extract_features(vlm, processor, source, tmp_path / "f", DESCRIBE_INSTRUCTIONS, samples=6, shard_size=6,
+                             batch_size=6,
                              max_new_tokens=4)
-    assert torch.equal(cache_pixels(cache, source, [5, 0, 5], 32), to_pixels(np.stack([source.image(i) for i in (5, 0, 5)])))
+    assert torch.equal(cache_pixels(cache, source, [5, 0, 5], 32),
+                       to_pixels(np.stack([source.image(i) for i in (5, 0, 5)])))
     with pytest.raises(ValueError, match="pass the source the cache was extracted from"):
         cache_pixels(cache, open_image_captions(root, "validation"), [0], 32)
 
@@ -121,7 +131,8 @@ def test_t5_init_copies_the_final_norm(tiny):
 
 def test_killed_training_resumes_bit_equal(tiny, tmp_path):
     _, (vlm, processor), (t5, t5_tok) = tiny
-    cache = extract_features(vlm, processor, _data(12), tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=6, batch_size=6, max_new_tokens=6)
+    cache = extract_features(vlm, processor, _data(12), tmp_path / "f", DESCRIBE_INSTRUCTIONS, shard_size=6,
+                             batch_size=6, max_new_tokens=6)
     batches = AlignerBatches(cache, "thinkdiff", processor.tokenizer, t5_tok, batch_size=4)
     def train(path, crash_at=None):
         torch.manual_seed(0)
@@ -131,7 +142,7 @@ def test_killed_training_resumes_bit_equal(tiny, tmp_path):
         def dying(model, g):
             if next(calls) == crash_at: raise KeyboardInterrupt("killed")
             return loss(model, g)
-        fit(aligner, dying, 8, path, ckpt_every=3, warmup=2, log_csv=path.with_suffix(".csv"))
+        fit(aligner, dying, Schedule(steps=8, ckpt_every=3, warmup=2), path, log_csv=path.with_suffix(".csv"))
         return aligner
     whole = train(tmp_path / "whole.pt")
     with pytest.raises(KeyboardInterrupt):
@@ -156,9 +167,15 @@ def test_train_notebook_runs_every_aligner_method(tmp_path, method):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["params"]["method"] == method and np.isfinite(metrics["metrics"]["heldout"]["loss"])
     image_read = metrics["metrics"]["image_decoder_flow_loss"]  # only generated rows are read by the image decoder
-    assert image_read is None if method == "input-tokens" else np.isfinite([image_read["aligned"], image_read["empty_prompt"]]).all()
+    assert image_read is None if method == "input-tokens" else np.isfinite([image_read["aligned"],
+                                                                            image_read["empty_prompt"]]).all()
     assert (tmp_path / "run" / "aligner" / "config.json").exists() and (tmp_path / "run" / "loss.png").exists()
     assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 4
+    if method == "thinkdiff":  # the finished folder is not relabelled by a rerun with other settings
+        import papermill as pm
+        with pytest.raises(pm.PapermillExecutionError,
+                           match=r"\(then -> now\): method 'thinkdiff' -> 'no-masking', lr 0.001 -> 0.05; remove"):
+            _run_train(tmp_path, method="no-masking", lr=0.05)
 
 
 def test_train_notebook_rejects_a_bad_parameter(tmp_path):

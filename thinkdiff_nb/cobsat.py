@@ -13,22 +13,25 @@ from tqdm.auto import tqdm
 from .world import TASKS, THEMES, as_theme, atomic_dir, parse_pair, render, task_prompts
 from .runtime import process_share
 from .judges import CobsatJudge
-from .methods import METHODS, aligners_needed
+from .methods import COBSAT_ROWS, METHODS, VLM_TEXT, aligners_needed
 from .inference import ThinkDiff, conditioning, draw, rendered_demonstrations, respond
 from .world import is_heldout_pair
 
 # %% auto #0
 __all__ = ['COBSAT_IMAGES', 'TEXT_COLUMNS', 'TASK_NAMES', 'PUBLISHED', 'PUBLISHED_MEANS', 'cobsat_image_path', 'CobsatImages',
-           'write_cobsat_folder', 'score', 'judged', 'evaluate_block', 'write_csv', 'kept_image_path', 'keep_block',
-           'read_kept_image', 'kept_answer', 'run_blocks', 'evaluate', 'rejudge', 'accuracy_table', 'published_table']
+           'write_cobsat_folder', 'score', 'judged', 'block_seed', 'evaluate_block', 'write_csv', 'kept_image_path',
+           'keep_block', 'read_kept_image', 'kept_answer', 'run_blocks', 'evaluate', 'rejudge', 'accuracy_table',
+           'published_table']
 
 # %% ../nbs/02e_cobsat.ipynb #c0b5a703
 COBSAT_IMAGES = "datasets"  # the folder the released archive unpacks to
 
 def cobsat_image_path(root, theme, subject: str, attribute: str) -> Path:
-    "Where the released benchmark keeps a pair's image: `datasets/{attribute axis}_{subject}/{attribute}_{subject}.jpg`."
+    ("Where the released benchmark keeps a pair's image: `datasets/{attribute "
+     "axis}_{subject}/{attribute}_{subject}.jpg`.")
     return Path(root) / COBSAT_IMAGES / f"{as_theme(theme).attribute_axis}_{subject}" / f"{attribute}_{subject}.jpg"
 
+# %% ../nbs/02e_cobsat.ipynb #ce04dab8
 class CobsatImages:
     "CoBSAT's released images under `root` (the folder holding `datasets/`), checked complete when opened."
     def __init__(self, root):
@@ -37,7 +40,8 @@ class CobsatImages:
             raise FileNotFoundError(f"no {COBSAT_IMAGES}/ folder in {self.root}: unpack CoBSAT's datasets.zip there")
         missing = [str(p) for t in THEMES.values() for s in t.subjects for a in t.attributes
                    if not (p := cobsat_image_path(self.root, t, s, a)).is_file()]
-        if missing: raise FileNotFoundError(f"{len(missing)} of CoBSAT's 500 images are missing, e.g. {', '.join(missing[:3])}")
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of CoBSAT's 500 images are missing, e.g. {', '.join(missing[:3])}")
     def image(self, theme, subject: str, attribute: str) -> np.ndarray:
         "RGB uint8 array (H, W, 3) of a pair's image, at its own size."
         path = cobsat_image_path(self.root, theme, subject, attribute)
@@ -71,72 +75,96 @@ def score(predicted: list[tuple], prompts) -> pd.DataFrame:
     frame["both"] = frame["subject"] & frame["attribute"]
     return frame
 
+# %% ../nbs/02e_cobsat.ipynb #c2135082
 def judged(judges: dict[str, CobsatJudge], images: np.ndarray, theme, prompts) -> pd.DataFrame:
     "Per image: the first judge's answers and flags, then every other judge's, its columns prefixed by its name."
     frames = []
     for k, (name, judge) in enumerate(judges.items()):
         answers = judge.answer(images, theme, [p.target for p in prompts]).reset_index(drop=True)
-        frame = pd.concat([score(list(zip(answers["subject_answer"], answers["attribute_answer"])), prompts), answers], axis=1)
-        frames.append(frame if k == 0 else frame.rename(columns=lambda c: c if c.startswith(f"{name}_") else f"{name}_{c}"))
+        frame = pd.concat([score(list(zip(answers["subject_answer"], answers["attribute_answer"])), prompts), answers],
+                          axis=1)
+        frames.append(frame if k == 0
+                      else frame.rename(columns=lambda c: c if c.startswith(f"{name}_") else f"{name}_{c}"))
     return pd.concat(frames, axis=1)
 
+# %% ../nbs/02e_cobsat.ipynb #1ef03a9a
+def block_seed(seed: int,   # the run's seed, non-negative
+               task: int,   # the task's id, 1 to 10
+               shot: int,
+               start: int,  # the block's first prompt in the task's list
+               ) -> int:
+    "A block's seed from its place alone: a 63-bit hash of (seed, task, shot, start), apart for every block and seed."
+    state = np.random.SeedSequence(entropy=seed, spawn_key=(task, shot, start)).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))  # 63 bits: a block's rows add their index to it and stay below 2**64
+
 # %% ../nbs/02e_cobsat.ipynb #9fb3bf8d
-def evaluate_block(td: ThinkDiff, judges: dict[str, CobsatJudge], task, shot: int, start: int, prompts: list, methods=METHODS,
+def evaluate_block(td: ThinkDiff, judges: dict[str, CobsatJudge], task, shot: int, start: int, prompts: list,
+                   methods=METHODS,
                    n_tokens: int = 24, steps: int = 0, guidance: float = 0.0, seed: int = 0,
                    size: int = 0,  # side of the drawn images; 0: the profile's CoBSAT size
                    demonstrations=rendered_demonstrations,  # prompt -> demonstration images (`CobsatImages.demonstrations`)
                    ) -> tuple[pd.DataFrame, dict]:
-    "Per-prompt records of every method on a block of a task's prompts (the first at index `start`), and its images and answers."
+    ("Per-prompt records of every method on a block of a task's prompts (the first at index `start`), and its images "
+     "and answers.")
     size = size or td.profile.cobsat_size
-    base = seed * 1000 + task.id * 10 + shot + start  # a block's seeds depend on its place alone, not on who computes it
-    responses = respond(td, prompts, n_tokens, seed=base, demonstrations=demonstrations, features=bool(aligners_needed(methods)))
+    base = block_seed(seed, task.id, shot, start)  # a block's seeds depend on its place alone, not on who computes it
+    responses = respond(td, prompts, n_tokens, seed=base, demonstrations=demonstrations,
+                        features=bool(aligners_needed(methods)))
     text = [parse_pair(r["answer"], task.theme) for r in responses]
     answers = pd.DataFrame(text, columns=["subject_answer", "attribute_answer"])
-    frames, examples = [pd.concat([score(text, prompts), answers], axis=1).assign(method="vlm-text")], {"responses": responses}
+    text_rows = pd.concat([score(text, prompts), answers], axis=1).assign(method=VLM_TEXT)  # the VLM's answer, judged
+    frames, examples = [text_rows], {"responses": responses}
     for method in methods:
         embeds, pooled = conditioning(td, method, prompts, responses)
-        examples[method] = draw(td.decoder, embeds, pooled, steps, guidance, seed=base, size=size)  # (B, size, size, 3) uint8
+        # (B, size, size, 3) uint8
+        examples[method] = draw(td.decoder, embeds, pooled, steps, guidance, seed=base, size=size)
         frames.append(judged(judges, examples[method], task.theme, prompts).assign(method=method))
     heldout = [is_heldout_pair(task.theme, *p.target) for p in prompts]
     records = pd.concat(frames, ignore_index=True)
-    return records.assign(task=task.name, task_id=task.id, shot=shot, prompt=list(range(start, start + len(prompts))) * len(frames),
+    return records.assign(task=task.name, task_id=task.id, shot=shot,
+                          prompt=list(range(start, start + len(prompts))) * len(frames),
                           heldout=heldout * len(frames)), examples
 
+# %% ../nbs/02e_cobsat.ipynb #06976baa
 def write_csv(frame: pd.DataFrame, path: Path):
     "`frame` written to `path` as CSV through a temporary file and one rename."
     tmp = path.with_name(f".{path.name}.tmp"); frame.to_csv(tmp, index=False); os.replace(tmp, path)
-
 
 # %% ../nbs/02e_cobsat.ipynb #142ced0c
 def kept_image_path(out_dir: Path, unit: str, method: str, prompt: int) -> Path:
     "Where a run that keeps its images stores one: `{out_dir}/images/{unit}/{method}/{prompt:04d}.png` (lossless)."
     return Path(out_dir) / "images" / unit / method / f"{prompt:04d}.png"
 
+# %% ../nbs/02e_cobsat.ipynb #f1adb656
 def keep_block(out_dir: Path, unit: str, start: int, examples: dict):
     "A block's drawn images (PNG, one per method and prompt) and the VLM's raw answers (JSON lines), each file atomic."
     for method, images in examples.items():
         if method == "responses": continue
         for j, image in enumerate(images):
             path = kept_image_path(out_dir, unit, method, start + j); path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp"); Image.fromarray(image).save(tmp, format="PNG"); os.replace(tmp, path)
+            tmp = path.with_name(f".{path.name}.tmp")
+            Image.fromarray(image).save(tmp, format="PNG"); os.replace(tmp, path)
     answers = [{"prompt": start + j, "answer": r["answer"], "answer_ids": r["answer_ids"].tolist(),
                 **({"text": r["text"], "generated_ids": r["generated_ids"].tolist()} if "text" in r else {})}
                for j, r in enumerate(examples["responses"])]  # text, generated_ids: the n_tokens the aligners read
     path = Path(out_dir) / "answers" / f"{unit}.block{start:04d}.jsonl"; path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text("".join(json.dumps(a) + "\n" for a in answers)); os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(a) + "\n" for a in answers)); os.replace(tmp, path)
 
+# %% ../nbs/02e_cobsat.ipynb #beebafc3
 def read_kept_image(path: Path) -> np.ndarray:
     "A kept image as uint8 (H, W, 3), or an error saying the run kept none."
     if not path.exists(): raise FileNotFoundError(f"no kept image {path}: re-judging needs a run made with keep_images")
     return np.asarray(Image.open(path).convert("RGB"))
 
+# %% ../nbs/02e_cobsat.ipynb #237c79a9
 def kept_answer(out_dir: Path, unit: str, prompt: int) -> dict:
     "The VLM's kept answers to one prompt (`keep_block`'s JSON line)."
     for path in sorted((Path(out_dir) / "answers").glob(f"{unit}.block*.jsonl")):
         for line in path.read_text().splitlines():
             if (answer := json.loads(line))["prompt"] == prompt: return answer
-    raise FileNotFoundError(f"no kept answer to prompt {prompt} of {unit} in {out_dir}: was the run made with keep_images?")
-
+    raise FileNotFoundError(f"no kept answer to prompt {prompt} of {unit} in {out_dir}: was the run made with "
+                            "keep_images?")
 
 # %% ../nbs/02e_cobsat.ipynb #1f9a6cd1
 def _merge_blocks(out_dir: Path, unit: str, starts) -> bool:
@@ -145,11 +173,13 @@ def _merge_blocks(out_dir: Path, unit: str, starts) -> bool:
     if not all(p.exists() for p in blocks): return False
     records = pd.concat([pd.read_csv(p) for p in blocks], ignore_index=True)
     order = {m: i for i, m in enumerate(dict.fromkeys(records["method"]))}
-    write_csv(records.sort_values(["method", "prompt"], key=lambda c: c.map(order) if c.name == "method" else c, kind="stable"),
+    write_csv(records.sort_values(["method", "prompt"], key=lambda c: c.map(order) if c.name == "method" else c,
+                                  kind="stable"),
                out_dir / f"{unit}.csv")
     for p in blocks: p.unlink()
     return True
 
+# %% ../nbs/02e_cobsat.ipynb #6c6bfab9
 def run_blocks(out_dir: Path, units: dict,  # unit name (shot{S}_task{TT}) -> (shot, task)
                starts: range,  # each unit's block starts
                make_block,     # (unit, shot, task, start) -> the block's records
@@ -163,16 +193,21 @@ def run_blocks(out_dir: Path, units: dict,  # unit name (shot{S}_task{TT}) -> (s
         for k in tqdm(starts[rank::processes], desc=f"{task.name} {shot}-shot", leave=False, disable=rank != 0):
             path = out_dir / f"{unit}.block{k:04d}.csv"
             if not path.exists(): write_csv(make_block(unit, shot, task, k), path)
-    while not all((out_dir / f"{unit}.csv").exists() or (rank == 0 and _merge_blocks(out_dir, unit, starts)) for unit in units):
+    while not all((out_dir / f"{unit}.csv").exists() or (rank == 0 and _merge_blocks(out_dir, unit, starts))
+                  for unit in units):
         time.sleep(poll_seconds)  # another process is still on its blocks
     return pd.concat([pd.read_csv(out_dir / f"{unit}.csv") for unit in units], ignore_index=True)
 
-def evaluate(td: ThinkDiff, judges: dict[str, CobsatJudge], out_dir: Path, shots=(2, 4), n_prompts: int = 1000, methods=METHODS,
-             tasks=TASKS, batch_size: int = 100, share: tuple[int, int] | None = None,  # (rank, processes); None: accelerate's
+# %% ../nbs/02e_cobsat.ipynb #cf033ff3
+def evaluate(td: ThinkDiff, judges: dict[str, CobsatJudge], out_dir: Path, shots=(2, 4), n_prompts: int = 1000,
+             methods=METHODS,
+             tasks=TASKS, batch_size: int = 100,
+             share: tuple[int, int] | None = None,  # (rank, processes); None: accelerate's
              poll_seconds: float = 10.0,
              keep_images: bool = False,  # also keep every drawn image and the VLM's raw answers (`keep_block`), to re-judge
              **kwargs) -> pd.DataFrame:
-    "All tasks and shots, resumable per block of `batch_size` prompts, blocks shared over processes; every process returns all records."
+    ("All tasks and shots, resumable per block of `batch_size` prompts, blocks shared over processes; every process "
+     "returns all records.")
     def make_block(unit, shot, task, k):
         prompts = task_prompts(task, shot, n_prompts)[k:k + batch_size]
         records, examples = evaluate_block(td, judges, task, shot, k, prompts, methods, **kwargs)
@@ -181,9 +216,8 @@ def evaluate(td: ThinkDiff, judges: dict[str, CobsatJudge], out_dir: Path, shots
     units = {f"shot{shot}_task{task.id:02d}": (shot, task) for shot in shots for task in tasks}
     return run_blocks(out_dir, units, range(0, n_prompts, batch_size), make_block, share, poll_seconds)
 
-
 # %% ../nbs/02e_cobsat.ipynb #405525a0
-TEXT_COLUMNS = ["subject", "attribute", "both", "subject_answer", "attribute_answer", "method"]  # a vlm-text row
+TEXT_COLUMNS = ["subject", "attribute", "both", "subject_answer", "attribute_answer", "method"]  # a VLM_TEXT row
 
 def rejudge(source_dir: Path,  # the records folder of a finished run made with keep_images
             judges: dict[str, CobsatJudge], out_dir: Path,
@@ -192,7 +226,8 @@ def rejudge(source_dir: Path,  # the records folder of a finished run made with 
     "A kept run's records judged again from its files by `judges`, written as a run's records to `out_dir`."
     source_dir = Path(source_dir)
     names = sorted(p.stem for p in source_dir.glob("shot*_task*.csv") if ".block" not in p.name)
-    if not names: raise FileNotFoundError(f"no finished records in {source_dir}: give the records folder of a finished run")
+    if not names:
+        raise FileNotFoundError(f"no finished records in {source_dir}: give the records folder of a finished run")
     old = {unit: pd.read_csv(source_dir / f"{unit}.csv") for unit in names}
     units = {unit: (int(r["shot"][0]), TASKS[int(r["task_id"][0]) - 1]) for unit, r in old.items()}
     counts = {int(r["prompt"].max()) + 1 for r in old.values()}
@@ -201,9 +236,10 @@ def rejudge(source_dir: Path,  # the records folder of a finished run made with 
     def make_block(unit, shot, task, k):
         records, prompts = old[unit], task_prompts(task, shot, n_prompts)[k:k + batch_size]
         block = list(range(k, k + len(prompts)))
-        frames = [records[(records["method"] == "vlm-text") & records["prompt"].isin(block)][TEXT_COLUMNS].reset_index(drop=True)]
+        text_rows = records[(records["method"] == VLM_TEXT) & records["prompt"].isin(block)]
+        frames = [text_rows[TEXT_COLUMNS].reset_index(drop=True)]
         for method in dict.fromkeys(records["method"]):
-            if method == "vlm-text": continue
+            if method == VLM_TEXT: continue
             images = np.stack([read_kept_image(kept_image_path(source_dir, unit, method, p)) for p in block])
             frames.append(judged(judges, images, task.theme, prompts).assign(method=method))
         heldout = [is_heldout_pair(task.theme, *p.target) for p in prompts]
@@ -220,7 +256,7 @@ def accuracy_table(records: pd.DataFrame, shot: int, metric: str = "both", heldo
     if heldout_only: r = r[r["heldout"]]
     table = r.pivot_table(index="method", columns="task", values=metric, aggfunc="mean").reindex(columns=TASK_NAMES)
     table["mean"] = table.mean(axis=1)
-    order = [m for m in ("vlm-text",) + METHODS if m in table.index]
+    order = [m for m in COBSAT_ROWS if m in table.index]
     return table.loc[order]
 
 # %% ../nbs/02e_cobsat.ipynb #174e3ba9
@@ -228,7 +264,8 @@ PUBLISHED = {
     ("thinkdiff", 2): [.622, .511, .349, .534, .237, .340, .459, .534, .290, .292],
     ("thinkdiff", 4): [.638, .610, .362, .590, .254, .432, .434, .664, .317, .332],
 }
-PUBLISHED_MEANS = {("thinkdiff", 2): 0.417, ("thinkdiff", 4): 0.463, ("no-masking", 2): 0.287, ("input-tokens", 2): 0.016,
+PUBLISHED_MEANS = {("thinkdiff", 2): 0.417, ("thinkdiff", 4): 0.463, ("no-masking", 2): 0.287,
+                   ("input-tokens", 2): 0.016,
                    ("text-bridge", 2): 0.537, ("text-bridge", 4): 0.614}
 
 def published_table(shot: int) -> pd.DataFrame:

@@ -16,17 +16,19 @@ from .runtime import process_state
 from .backbones import description_messages, vlm_batch
 
 # %% auto #0
-__all__ = ['SAMPLING_FIELDS', 'CAPTURES', 'MANIFEST', 'ENTRY', 'end_token_ids', 'vlm_generation_config', 'applied_generation',
-           'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'atomic_write_text', 'write_shard',
-           'memmap_safetensors', 'verify_shard', 'FeatureCache', 'cache_complete', 'weights_digest', 'wait_for',
-           'extract_features']
+__all__ = ['SAMPLING_FIELDS', 'CAPTURES', 'MANIFEST', 'REBUILD', 'ENTRY', 'end_token_ids', 'vlm_generation_config',
+           'applied_generation', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256',
+           'atomic_write_text', 'write_shard', 'memmap_safetensors', 'verify_shard', 'FeatureCache', 'cache_complete',
+           'weights_digest', 'wait_for', 'extraction_params', 'extract_shard', 'extract_features']
 
 # %% ../nbs/02b_features.ipynb #7a951cb2
 def end_token_ids(model, tokenizer) -> list[int]:
-    "Every id that ends an answer: the tokenizer's EOS and the model's `generation_config` ones (Qwen2-VL: im_end, endoftext)."
+    ("Every id that ends an answer: the tokenizer's EOS and the model's `generation_config` ones (Qwen2-VL: im_end, "
+     "endoftext).")
     ids = model.generation_config.eos_token_id
     return sorted({tokenizer.eos_token_id, *([ids] if isinstance(ids, int) else ids or [])})
 
+# %% ../nbs/02b_features.ipynb #e2a27b5a
 def vlm_generation_config(end_ids: list[int], pad_id: int, max_new_tokens: int,
                           sample: bool = True,      # the official runs sample; False: greedy (checks and demos)
                           temperature: float = 0.6, top_p: float = 0.9,
@@ -41,8 +43,11 @@ def vlm_generation_config(end_ids: list[int], pad_id: int, max_new_tokens: int,
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,  # Qwen2-VL's hub file says 1.05
         num_beams=1, eos_token_id=end_ids, pad_token_id=pad_id)
 
-SAMPLING_FIELDS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
-                   "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+# %% ../nbs/02b_features.ipynb #998dc02a
+SAMPLING_FIELDS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                   "typical_p",
+                   "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "encoder_repetition_penalty",
+                   "no_repeat_ngram_size",
                    "num_beams", "eos_token_id", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
                    "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
                    "guidance_scale", "watermarking_config")
@@ -56,10 +61,10 @@ def applied_generation(model, config: GenerationConfig) -> dict:
                                "does not use; remove them from its generation_config.json")
     return settings
 
+# %% ../nbs/02b_features.ipynb #d9268d8a
 def answer_lengths(new_tokens: torch.Tensor, end_ids: list[int]) -> list[int]:
     "Tokens per answer up to and including the first end token (all of them when there is none)."
     return [next((k + 1 for k, t in enumerate(row) if t in end_ids), len(row)) for row in new_tokens.tolist()]
-
 
 # %% ../nbs/02b_features.ipynb #db7fc507
 CAPTURES = ("hook", "hidden_states", None)
@@ -68,6 +73,7 @@ def final_norm(model) -> torch.nn.Module:
     "The text model's final RMSNorm, whose output feeds `lm_head`."
     return model.model.language_model.norm
 
+# %% ../nbs/02b_features.ipynb #a7b1e74a
 @torch.no_grad()
 def generate_with_features(model, processor, conversations, images, max_new_tokens: int = 24, sample: bool = True,
                            temperature: float = 0.6, top_p: float = 0.9,
@@ -100,7 +106,8 @@ def generate_with_features(model, processor, conversations, images, max_new_toke
         sample_out = {"generated_ids": ids.cpu(), "text": processor.tokenizer.decode(ids, skip_special_tokens=True)}
         if capture:
             keep = batch["attention_mask"][b].bool()  # drop the left padding
-            sample_out |= {"prompt_features": states[0][b, keep].float().cpu(), "generated_features": generated_states[b, :n].float().cpu()}
+            sample_out |= {"prompt_features": states[0][b, keep].float().cpu(),
+                           "generated_features": generated_states[b, :n].float().cpu()}
         samples.append(sample_out)
     return samples
 
@@ -114,10 +121,12 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
 
+# %% ../nbs/02b_features.ipynb #65aebcf9
 def atomic_write_text(path: Path, text: str):
     "Write `text` to `path` through a temporary sibling and one rename, so a reader never sees half a file."
     tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(text); os.replace(tmp, path)
 
+# %% ../nbs/02b_features.ipynb #ab87e3e0
 def write_shard(path: Path, samples: list[dict], rows: list[dict], dtype=torch.float16):
     "Write one shard atomically: concatenated features with offsets, ids, and per-sample rows as metadata."
     def offsets(key): return torch.tensor(np.cumsum([0] + [len(s[key]) for s in samples]), dtype=torch.int64)
@@ -145,6 +154,11 @@ def memmap_safetensors(path: Path) -> tuple[dict, dict]:
         if h["dtype"] == "BF16": tensors[name] = tensors[name].view(torch.bfloat16)
     return tensors, metadata
 
+# %% ../nbs/02b_features.ipynb #5c0655bc
+REBUILD = ("run what extracted the cache again with the same parameters (the same notebook: 03_train, "
+           "04_rmsnorm_ablation, 07_premise or 08_premise_findings; or the same extract_features call): "
+           "a missing shard is extracted again, alone")
+
 def verify_shard(path: Path, expected: str,  # the SHA-256 its manifest entry records
                  poll_seconds: float = 0.2, stale_seconds: float = 3600.0) -> None:
     "Check a shard's SHA-256 once for every process and run: one claims and hashes it, then stamps its size and mtime."
@@ -161,11 +175,12 @@ def verify_shard(path: Path, expected: str,  # the SHA-256 its manifest entry re
             time.sleep(poll_seconds); continue
         try:
             if sha256(path) != expected:
-                raise ValueError(f"shard {path} is corrupt (SHA-256 mismatch); delete it and rerun extraction to rebuild it")
+                raise ValueError(f"shard {path} is corrupt (SHA-256 mismatch): delete it (rm '{path}'), then {REBUILD}")
             atomic_write_text(stamp, json.dumps(key))
         finally: claim.unlink(missing_ok=True)
         return
 
+# %% ../nbs/02b_features.ipynb #c9cb5367
 class FeatureCache:
     "Reads a shard folder through memory-mapped safetensors; checks width and checksums and names what is wrong."
     def __init__(self, root: str | Path, expected_width: int | None = None):
@@ -174,7 +189,8 @@ class FeatureCache:
             raise FileNotFoundError(f"no feature cache at {self.root} (no {MANIFEST}); extract features first")
         self.manifest = json.loads((self.root / MANIFEST).read_text())
         if expected_width is not None and self.manifest["width"] != expected_width:
-            raise ValueError(f"feature cache {self.root} holds {self.manifest['width']}-wide features, expected {expected_width}")
+            raise ValueError(f"feature cache {self.root} holds {self.manifest['width']}-wide features, "
+                             f"expected {expected_width}")
         self.shards = self.manifest["shards"]
         self.starts = np.cumsum([0] + [s["samples"] for s in self.shards]).tolist()  # first sample of each shard
         self._open = {}
@@ -185,11 +201,11 @@ class FeatureCache:
         "Map shard k once, after checking its checksum, and cut it into per-sample views (the reader's hot path)."
         if k not in self._open:
             path = self.root / self.shards[k]["file"]
-            if not path.exists(): raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
+            if not path.exists(): raise FileNotFoundError(f"shard {path} listed in the manifest is missing: {REBUILD}")
             verify_shard(path, self.shards[k]["sha256"])
             tensors, metadata = memmap_safetensors(path)
             po, go = tensors["prompt_offsets"].tolist(), tensors["generated_offsets"].tolist()
-            # views into the mapped shard, made once: slicing three tensors per sample per batch costs more than the read
+            # views into the mapped shard, made once: slicing three tensors per sample per batch costs more than reading
             self._open[k] = [{"prompt_features": tensors["prompt_features"][po[j]:po[j + 1]],
                               "generated_features": tensors["generated_features"][go[j]:go[j + 1]],
                               "generated_ids": tensors["generated_ids"][go[j]:go[j + 1]], **row}
@@ -202,34 +218,39 @@ class FeatureCache:
 
 # %% ../nbs/02b_features.ipynb #a1ebb6fb
 def cache_complete(root: str | Path) -> bool:
-    "Whether a shard folder holds every sample its manifest promises."
+    "Whether a shard folder holds every sample its manifest promises, in shards that are all there."
     path = Path(root) / MANIFEST
     if not path.exists(): return False
     manifest = json.loads(path.read_text())
-    return sum(s["samples"] for s in manifest["shards"]) == manifest["params"]["samples"]
+    complete = sum(s["samples"] for s in manifest["shards"]) == manifest["params"]["samples"]
+    return complete and all((Path(root) / s["file"]).exists() for s in manifest["shards"])
 
 # %% ../nbs/02b_features.ipynb #f5271c26
 @torch.no_grad()
 def weights_digest(model) -> str:
-    "A short digest of a model's weights (each tensor's sum), so a cache knows which weights made it, not only their path."
+    "A short digest of a model's weights (each tensor's sum): a cache knows which weights made it, not only their path."
     sums = torch.stack([p.detach().double().sum().cpu() for p in model.parameters()])
     return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
 
+# %% ../nbs/02b_features.ipynb #6f3c5b0c
 ENTRY = "{}.entry.json"  # a finished shard's manifest entry, written by the process that made it
 
 def _merge_entries(root: Path, manifest: dict):
     "Move the entries of finished shards into the manifest (sorted by shard) and write it; the main process does this."
     entries = {p: json.loads(p.read_text()) for p in root.glob(ENTRY.format("*"))}
     listed = {s["file"] for s in manifest["shards"]}
-    manifest["shards"] = sorted(manifest["shards"] + [e for e in entries.values() if e["file"] not in listed], key=lambda s: s["file"])
+    added = [e for e in entries.values() if e["file"] not in listed]
+    manifest["shards"] = sorted(manifest["shards"] + added, key=lambda s: s["file"])
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
     for p in entries: p.unlink()
 
+# %% ../nbs/02b_features.ipynb #54c55816
 def _finished(root: Path) -> set[str]:
     "Shards finished so far: listed in the manifest or announced by an entry file."
     listed = json.loads((root / MANIFEST).read_text())["shards"] if (root / MANIFEST).exists() else []
     return {s["file"] for s in listed} | {p.name[:-len(ENTRY.format(""))] for p in root.glob(ENTRY.format("*"))}
 
+# %% ../nbs/02b_features.ipynb #783de3de
 def wait_for(ready, what: str, poll_seconds: float = 2.0, timeout_hours: float = 48.0):
     "Poll `ready()` until true: processes wait on the file system, not in a collective with NCCL's 10-minute timeout."
     deadline = time.time() + 3600 * timeout_hours
@@ -237,24 +258,53 @@ def wait_for(ready, what: str, poll_seconds: float = 2.0, timeout_hours: float =
         if time.time() > deadline: raise TimeoutError(f"gave up waiting for {what} after {timeout_hours} hours")
         time.sleep(poll_seconds)
 
+# %% ../nbs/02b_features.ipynb #7af51691
+def extraction_params(model, processor, samples: int, shard_size: int, max_new_tokens: int, seed: int, vision_id: bool,
+                      instructions: Sequence[str]) -> dict:
+    "What a shard folder's features depend on, as its manifest records them: a folder made otherwise is refused."
+    ends, pad = end_token_ids(model, processor.tokenizer), processor.tokenizer.pad_token_id
+    # the official sampling: temperature 0.6, top-p 0.9
+    generation = applied_generation(model, vlm_generation_config(ends, pad, max_new_tokens))
+    return {"samples": samples, "shard_size": shard_size, "max_new_tokens": max_new_tokens, "seed": seed,
+            "generation": generation, "vision_id": vision_id, "model": str(getattr(model.config, "_name_or_path", "")),
+            "weights": weights_digest(model),  # retrained weights at the same path must not reuse old features
+            "instructions": list(instructions)}  # nor another profile's instructions
+
+# %% ../nbs/02b_features.ipynb #0330f644
+def extract_shard(model, processor, source, path: Path,  # shard k's file
+                  k: int, lo: int, hi: int,              # shard k holds samples lo to hi - 1
+                  instructions: Sequence[str], batch_size: int, max_new_tokens: int, seed: int,
+                  image_size: int | None, vision_id: bool):
+    "Extract shard k and write it with its manifest entry; its instructions and sampling come from (seed, k) alone."
+    rng = random.Random(seed * 100_003 + k)
+    shard_rows, features = [], []  # the shard's rows and features; images live one batch at a time
+    for b in range(lo, hi, batch_size):
+        items = [source[i] for i in range(b, min(b + batch_size, hi))]
+        images = [[item.pop("pixels")] for item in items]  # (H, W, 3) uint8 each, at its own size
+        rows = [{"instruction": rng.choice(instructions), **item} for item in items]
+        torch.manual_seed(seed * 100_003 + k * 1_009 + b - lo)
+        features += generate_with_features(model, processor, [description_messages(r["instruction"]) for r in rows],
+                                           images, max_new_tokens, image_size=image_size, vision_id=vision_id)
+        shard_rows += rows
+    for r, s in zip(shard_rows, features): r["text"] = s["text"]
+    write_shard(path, features, shard_rows)
+    entry = {"file": path.name, "samples": len(shard_rows), "sha256": sha256(path)}
+    atomic_write_text(path.with_name(ENTRY.format(path.name)), json.dumps(entry))
+
+# %% ../nbs/02b_features.ipynb #a6f36acf
 def extract_features(model, processor, source, root: str | Path,
                      instructions: Sequence[str],  # one is drawn per image: a profile's `describe_instructions`
                      samples: int = 0,             # the first `samples` of the source; 0: all of it
                      shard_size: int = 1024, batch_size: int = 64, max_new_tokens: int = 24, seed: int = 0,
                      image_size: int | None = 32,
-                     vision_id: bool = False,      # "Picture 1: " before the image: none officially (`Profile.describe_vision_id`)
+                     vision_id: bool = False,      # "Picture 1: " before the image: none officially
                      poll_seconds: float = 2.0,    # how often a process that is done looks for the others' shards
                      ) -> FeatureCache:
-    "Extract (or finish extracting) the features of a source's images, with their rows, into a shard folder; shards split over processes."
+    "Extract (or finish) a source's features with their rows into a shard folder, shards split over processes."
     root, state = Path(root), process_state()
     root.mkdir(parents=True, exist_ok=True)
     n = min(samples or len(source), len(source))
-    ends, pad = end_token_ids(model, processor.tokenizer), processor.tokenizer.pad_token_id
-    generation = applied_generation(model, vlm_generation_config(ends, pad, max_new_tokens))  # temperature 0.6, top-p 0.9
-    params = {"samples": n, "shard_size": shard_size, "max_new_tokens": max_new_tokens, "seed": seed,
-              "generation": generation, "vision_id": vision_id, "model": str(getattr(model.config, "_name_or_path", "")),
-              "weights": weights_digest(model),  # retrained weights at the same path must not reuse old features
-              "instructions": list(instructions)}  # nor another profile's instructions
+    params = extraction_params(model, processor, n, shard_size, max_new_tokens, seed, vision_id, instructions)
     width = model.config.text_config.hidden_size
     manifest = {"width": width, "dtype": "float16", "params": params, "shards": []}
     if state.is_main_process and not (root / MANIFEST).exists():
@@ -264,25 +314,16 @@ def extract_features(model, processor, source, root: str | Path,
     if (old["params"], old["width"]) != (params, width):
         raise ValueError(f"{root} holds features extracted with {old['params']} (width {old['width']}); "
                          f"asked for {params} (width {width}): use another folder")
-    manifest, done = old, _finished(root)
+    # a shard deleted since it was listed (a corrupt one, as its error advises) leaves the manifest and is made again
+    manifest = old | {"shards": [s for s in old["shards"] if (root / s["file"]).exists()]}
+    done = {name for name in _finished(root) if (root / name).exists()}
     n_shards = -(-n // shard_size)
     mine = range(state.process_index, n_shards, state.num_processes)  # process r makes shards r, r + N, r + 2N, ...
     for k in tqdm(mine, desc="feature shards", disable=not state.is_main_process):
         name = f"shard-{k:05d}.safetensors"
         if name in done: continue
-        rng, lo, hi = random.Random(seed * 100_003 + k), k * shard_size, min((k + 1) * shard_size, n)
-        shard_rows, features = [], []  # the shard's rows and features; images live one batch at a time
-        for b in range(lo, hi, batch_size):
-            items = [source[i] for i in range(b, min(b + batch_size, hi))]
-            images = [[item.pop("pixels")] for item in items]  # (H, W, 3) uint8 each, at its own size
-            rows = [{"instruction": rng.choice(instructions), **item} for item in items]
-            torch.manual_seed(seed * 100_003 + k * 1_009 + b - lo)
-            features += generate_with_features(model, processor, [description_messages(r["instruction"]) for r in rows],
-                                               images, max_new_tokens, image_size=image_size, vision_id=vision_id)
-            shard_rows += rows
-        for r, s in zip(shard_rows, features): r["text"] = s["text"]
-        write_shard(root / name, features, shard_rows)
-        atomic_write_text(root / ENTRY.format(name), json.dumps({"file": name, "samples": len(shard_rows), "sha256": sha256(root / name)}))
+        extract_shard(model, processor, source, root / name, k, k * shard_size, min((k + 1) * shard_size, n),
+                      instructions, batch_size, max_new_tokens, seed, image_size, vision_id)
         if state.is_main_process: _merge_entries(root, manifest)
     # the main process folds in the others' entries as they come; every process returns once the manifest is whole
     def whole():
