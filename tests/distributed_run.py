@@ -13,7 +13,7 @@ from thinkdiff_nb.runtime import process_state
 from thinkdiff_nb.backbones import DESCRIBE_INSTRUCTIONS, get_profile, load_t5, load_vlm
 from thinkdiff_nb.data import MemorySource
 from thinkdiff_nb.features import extract_features
-from thinkdiff_nb.loop import fit
+from thinkdiff_nb.loop import Schedule, fit
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn
 from thinkdiff_nb.world import THEMES, render
 
@@ -27,7 +27,8 @@ def train(cache, t5, t5_tokenizer, vlm_tokenizer, out: Path, crash_at: int):
     def dying(model, g):
         if next(calls) == crash_at: raise KeyboardInterrupt(f"killed at step {crash_at}")
         return loss(model, g)
-    return aligner, fit(aligner, dying, 6, out / "checkpoint.pt", ckpt_every=2, warmup=1, log_csv=out / "loss.csv")
+    return aligner, fit(aligner, dying, Schedule(steps=6, ckpt_every=2, warmup=1), out / "checkpoint.pt",
+                        log_csv=out / "loss.csv")
 
 
 class SlowLastSample(MemorySource):
@@ -45,10 +46,12 @@ if __name__ == "__main__":
     profile = get_profile("tiny-random")  # every process builds the same seeded weights
     (vlm, processor), (t5, t5_tokenizer) = load_vlm(profile), load_t5(profile)
     theme = THEMES["color_object"]
-    rows = [{"theme": theme.name, "subject": theme.subjects[i % 10], "attribute": theme.attributes[i // 3 % 10], "caption": "x"}
+    rows = [{"theme": theme.name, "subject": theme.subjects[i % 10], "attribute": theme.attributes[i // 3 % 10],
+             "caption": "x"}
             for i in range(14)]
     source = SlowLastSample([render(theme, r["subject"], r["attribute"], seed=i) for i, r in enumerate(rows)], rows)
-    cache = extract_features(vlm, processor, source, out / "features", DESCRIBE_INSTRUCTIONS, shard_size=3, batch_size=3, max_new_tokens=5)
+    cache = extract_features(vlm, processor, source, out / "features", DESCRIBE_INSTRUCTIONS, shard_size=3,
+                             batch_size=3, max_new_tokens=5)
     if crash_at >= 0:
         try: train(cache, t5, t5_tokenizer, processor.tokenizer, out, crash_at)
         except KeyboardInterrupt: pass
@@ -56,4 +59,5 @@ if __name__ == "__main__":
     if state.is_main_process:
         save_file({k: v.contiguous() for k, v in aligner.state_dict().items()}, str(out / "aligner.safetensors"))
         (out / "result.json").write_text(json.dumps({"processes": state.num_processes, "losses": run.losses,
-                                                     "generators": len(torch.load(out / "checkpoint.pt")["generators"])}))
+                                                     "generators": len(torch.load(out
+                                                                                  / "checkpoint.pt")["generators"])}))

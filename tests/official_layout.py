@@ -10,10 +10,12 @@ import torch.nn as nn
 # The key names are hard-coded here, independently of the library's mapping, so the test checks the mapping too.
 W0, B0, W2, B2, NORM = (f"mm_projector.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias", "3.weight"))
 TIED_ALIAS = "language_model.decoder.embed_tokens.weight"  # left in by the runner's requires_grad filter
-CONFIG = {"model": {"arch": "mllama-vllm-t5-embed-decoder-2", "mm_projector_type": "mlp2x_gelu_t5_norm", "dtype": "bfloat16",
+CONFIG = {"model": {"arch": "mllama-vllm-t5-embed-decoder-2", "mm_projector_type": "mlp2x_gelu_t5_norm",
+                    "dtype": "bfloat16",
                     "layer_norm_reinit_weight_with_language_encoder": True, "max_txt_len": 128},
           "run": {"task": "image_text_pretrain", "runner": "runner_clip_t5", "init_lr": 1e-4, "weight_decay": 0.05,
-                  "amp": True, "amp_dtype": "bfloat16", "distributed": True, "resume_ckpt_path": None, "train_splits": ["train"]},
+                  "amp": True, "amp_dtype": "bfloat16", "distributed": True, "resume_ckpt_path": None,
+                  "train_splits": ["train"]},
           "datasets": {"llava_instruct_mllama_embed_2": {"batch_size": 32}}}
 
 
@@ -31,7 +33,8 @@ def write_official(path: Path, model: dict, step_optimizer: bool = False, **extr
     params = [nn.Parameter(v.detach().clone()) for k, v in model.items()
               if isinstance(k, str) and k.startswith("mm_projector.") and isinstance(v, torch.Tensor)]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0}], lr=1e-4, betas=(0.9, 0.999))
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0}], lr=1e-4,
+                             betas=(0.9, 0.999))
     if step_optimizer:
         for p in params: p.grad = torch.randn_like(p)
         opt.step()

@@ -11,7 +11,7 @@ from thinkdiff_nb.image_decoders import sample_images
 from thinkdiff_nb.backbones import (empty_pooled, encode_text, get_profile, Judge, judge_pairs, load_decoder,
                                     load_judge, load_t5, load_t5_tokenizer, mini_decoder_config, mini_t5_config,
                                     Profile, t5_tokenizer)
-from thinkdiff_nb.loop import fit
+from thinkdiff_nb.loop import Schedule, fit
 from thinkdiff_nb.pretrain import (t5_loss_fn, judge_loss_fn, decoder_loss_fn, caption_table, span_corrupt,
                                    span_length_probs)
 
@@ -59,7 +59,8 @@ def test_paper_profile_asks_for_the_real_checkpoints(monkeypatch):
     for loader in (load_t5, backbones.load_vlm, image_decoders.load_image_decoder):
         with pytest.raises(OSError, match="offline"):
             loader("paper")
-    assert asked == [("T5ForConditionalGeneration", "google/flan-t5-xxl"), ("ImageOnlyQwen2VLProcessor", "Qwen/Qwen2-VL-7B-Instruct"),
+    assert asked == [("T5ForConditionalGeneration", "google/flan-t5-xxl"),
+                     ("ImageOnlyQwen2VLProcessor", "Qwen/Qwen2-VL-7B-Instruct"),
                      ("FluxPipeline", "black-forest-labs/FLUX.1-dev")]
     with pytest.raises(ValueError, match="no judge"):
         load_judge("paper")
@@ -71,7 +72,8 @@ def test_save_load_round_trips_are_bit_equal(tmp_path):
     tok = t5_tokenizer()
     torch.manual_seed(0)
     models = {"t5": (T5ForConditionalGeneration(mini_t5_config(len(tok), 32, 1)), T5ForConditionalGeneration),
-              "decoder": (FluxTransformer2DModel(**mini_decoder_config(32, blocks=1, heads=2, head_dim=16)), FluxTransformer2DModel),
+              "decoder": (FluxTransformer2DModel(**mini_decoder_config(32, blocks=1, heads=2, head_dim=16)),
+                          FluxTransformer2DModel),
               "judge": (Judge(width=8), Judge)}
     for name, (model, cls) in models.items():
         model.save_pretrained(tmp_path / name)
@@ -96,7 +98,7 @@ def test_tokenizer_round_trips_every_world_word():
 
 def _one_step(model, loss_fn, path):
     before = [p.detach().clone() for p in model.parameters()]
-    losses = fit(model, loss_fn, 1, path, lr=1e-3, warmup=0).losses
+    losses = fit(model, loss_fn, Schedule(steps=1, lr=1e-3, warmup=0), path).losses
     assert np.isfinite(losses[0])
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
@@ -106,7 +108,8 @@ def test_one_training_step_of_each_model(tmp_path):
     t5 = T5ForConditionalGeneration(mini_t5_config(len(tok), 32, 1))
     _one_step(t5, t5_loss_fn(tok, 4), tmp_path / "t5.pt")
     theme = THEMES["action_animal"]
-    rows = [{"theme": theme.name, "subject": s, "attribute": "run", "caption": f"a {s} running"} for s in theme.subjects[:4]]
+    rows = [{"theme": theme.name, "subject": s, "attribute": "run", "caption": f"a {s} running"}
+            for s in theme.subjects[:4]]
     images = np.stack([render(theme, r["subject"], "run", seed=i) for i, r in enumerate(rows)])
     judge = Judge(width=8)
     _one_step(judge, judge_loss_fn(images, rows, 4), tmp_path / "judge.pt")
@@ -138,7 +141,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         step = next(calls)
         return model(torch.ones(1, 2)).sum() * (float("nan") if step == 3 else 1.0)
     with pytest.raises(FloatingPointError, match="step 3"):
-        fit(model, loss, 10, tmp_path / "m.pt", ckpt_every=2, warmup=0)
+        fit(model, loss, Schedule(steps=10, ckpt_every=2, warmup=0), tmp_path / "m.pt")
     assert torch.load(tmp_path / "m.pt", weights_only=False)["step"] == 2
 
 

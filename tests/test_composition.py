@@ -1,4 +1,5 @@
-"ThinkDiff-CLIP's compositions on tiny-paper: FLUX image + text and several images, CogVideoX image + text to a video file."
+("ThinkDiff-CLIP's compositions on tiny-paper: FLUX image + text and several images, CogVideoX image + text to a video "
+ "file.")
 import json
 from pathlib import Path
 import numpy as np
@@ -69,10 +70,13 @@ def test_blip2_vision_tower_loads_with_257_tokens(profile, tower):
     assert config["model_type"] == "blip-2" and config["num_query_tokens"] == 32
     assert (config["vision_config"]["image_size"], config["vision_config"]["patch_size"], config["vision_config"]["hidden_size"]) == (32, 2, 48)
     index = json.loads((Path(profile.vision) / "model.safetensors.index.json").read_text())["weight_map"]
-    assert {k.split(".")[0] for k in index} == {"vision_model", "qformer", "query_tokens", "language_model", "language_projection"}
+    assert {k.split(".")[0] for k in index} == {"vision_model", "qformer", "query_tokens", "language_model",
+                                                "language_projection"}
     stored = stored_tensors(profile.vision)
-    naive = Blip2VisionModel.from_pretrained(profile.vision)  # finds the config, not the weights (stored under vision_model.)
-    assert not torch.equal(naive.embeddings.patch_embedding.weight, stored["vision_model.embeddings.patch_embedding.weight"])
+    # finds the config, not the weights (stored under vision_model.)
+    naive = Blip2VisionModel.from_pretrained(profile.vision)
+    assert not torch.equal(naive.embeddings.patch_embedding.weight,
+                           stored["vision_model.embeddings.patch_embedding.weight"])
     native = Blip2VisionModel.from_pretrained(profile.vision, key_mapping={r"^vision_model\.": ""})
     for model in (native, tower):
         state = model.state_dict()
@@ -93,9 +97,12 @@ def test_cogvideox_folder_in_the_hub_layout(profile, video_pipe):
         "scheduler": "CogVideoXDDIMScheduler", "text_encoder": "T5EncoderModel", "tokenizer": "T5Tokenizer",
         "transformer": "CogVideoXTransformer3DModel", "vae": "AutoencoderKLCogVideoX"}
     s = video_pipe.scheduler.config
-    assert (s.prediction_type, s.timestep_spacing, s.rescale_betas_zero_snr, s.snr_shift_scale) == ("v_prediction", "trailing", True, 1.0)
+    assert (s.prediction_type, s.timestep_spacing, s.rescale_betas_zero_snr, s.snr_shift_scale) == ("v_prediction",
+                                                                                                    "trailing", True,
+                                                                                                    1.0)
     t = video_pipe.transformer.config
-    assert (t.use_rotary_positional_embeddings, t.max_text_seq_length, t.patch_size, t.in_channels) == (True, 226, 2, 16)
+    assert (t.use_rotary_positional_embeddings, t.max_text_seq_length, t.patch_size, t.in_channels) == (True, 226, 2,
+                                                                                                        16)
     assert t.text_embed_dim == video_pipe.text_encoder.config.d_model == profile.text_width == 32
     assert (video_pipe.vae_scale_factor_spatial, video_pipe.vae_scale_factor_temporal, video_pipe.vae.config.scaling_factor) == (8, 4, 0.7)
     assert video_pipe.tokenizer.model_max_length == 226
@@ -106,7 +113,8 @@ def test_image_and_text_for_flux(flux, aligned):
     embeds, pooled = image_text_conditioning(flux, aligned[:1], [PROMPT])
     text, text_pooled = flux.encode_prompt([PROMPT])
     assert embeds.shape == (1, 65 + 128, 32) and pooled.shape == (1, 24)
-    assert torch.equal(embeds[:, :65], aligned[:1]) and torch.equal(embeds[:, 65:], text)  # image first, then FLUX's T5 at 128
+    # image first, then FLUX's T5 at 128
+    assert torch.equal(embeds[:, :65], aligned[:1]) and torch.equal(embeds[:, 65:], text)
     assert torch.equal(pooled, text_pooled) and not torch.equal(pooled, flux.empty_pooled(1))  # CLIP pooled of the text
     batch, _ = image_text_conditioning(flux, aligned, [PROMPT, "a red car"])
     assert batch.shape == (2, 193, 32) and torch.equal(batch[1, :65], aligned[1])
@@ -156,7 +164,8 @@ def test_video_pipeline_decodes_in_tiles_one_video_at_a_time(video_pipe, aligned
 
 
 def test_cogvideox_writes_a_video_of_the_requested_frames_and_size(video_pipe, aligned, tmp_path):
-    path = image_text_video(video_pipe, aligned[:1], PROMPT, tmp_path / "out" / "panda.mp4", frames=9, height=32, width=48, steps=2)
+    path = image_text_video(video_pipe, aligned[:1], PROMPT, tmp_path / "out" / "panda.mp4", frames=9, height=32,
+                            width=48, steps=2)
     assert path == tmp_path / "out" / "panda.mp4" and path.stat().st_size > 0
     video = read_video(path)
     assert video.shape == (9, 32, 48, 3) and video.dtype == np.uint8

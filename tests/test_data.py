@@ -1,4 +1,5 @@
-"Image-caption sources: the folder layout and cc_sbu webdataset tars read alike, mixed sizes, clear errors, 03_train from tars."
+("Image-caption sources: the folder layout and cc_sbu webdataset tars read alike, mixed sizes, clear errors, 03_train "
+ "from tars.")
 import json
 from pathlib import Path
 import numpy as np
@@ -45,7 +46,8 @@ def test_both_layouts_read_the_same_way(tmp_path, tiny_vlm):
         assert np.array_equal(x.pop("pixels"), y.pop("pixels"))
         assert y.pop("image") == Path(x["image"]).stem and {**x, "image": None} == {**y, "image": None}
     vlm, processor = tiny_vlm
-    caches = [extract_features(vlm, processor, s, tmp_path / name, DESCRIBE_INSTRUCTIONS, samples=10, shard_size=4, batch_size=4,
+    caches = [extract_features(vlm, processor, s, tmp_path / name, DESCRIBE_INSTRUCTIONS, samples=10, shard_size=4,
+                               batch_size=4,
                                max_new_tokens=4) for name, s in (("from_folder", a), ("from_tars", b))]
     for i in range(10):
         x, y = caches[0][i], caches[1][i]
@@ -61,7 +63,8 @@ def test_mixed_sizes_survive(shards, tmp_path, tiny_vlm):
     wide = rows[0]["pixels"]
     assert prepare_image(wide, 32).size == (32, 32) and prepare_image(wide, None).size == (wide.shape[1], wide.shape[0])
     vlm, processor = tiny_vlm  # a mini-kind VLM (32 px): each image's central square, resized
-    cache = extract_features(vlm, processor, train, tmp_path / "f", DESCRIBE_INSTRUCTIONS, samples=12, shard_size=8, batch_size=4,
+    cache = extract_features(vlm, processor, train, tmp_path / "f", DESCRIBE_INSTRUCTIONS, samples=12, shard_size=8,
+                             batch_size=4,
                              max_new_tokens=4)
     assert len(cache) == 12 and len(cache.shards) == 2 and cache[11]["image"] == rows[11]["image"] == "000000011"
     assert cache[3]["url"] == rows[3]["url"] and cache[3]["theme"] == rows[3]["theme"]  # the cc_sbu json rides along
@@ -75,12 +78,14 @@ def test_a_wids_index_reads_the_same_samples(shards, tmp_path):
     counted = WebDatasetSource(shards / "train")
     folder = tmp_path / "indexed"; folder.mkdir()
     for tar in (shards / "train").glob("*.tar"): (folder / tar.name).symlink_to(tar)
-    listed = [{"url": Path(s["url"]).name, "nsamples": s["nsamples"]} for s in shard_list(shards / "train")]  # relative urls
+    # relative urls
+    listed = [{"url": Path(s["url"]).name, "nsamples": s["nsamples"]} for s in shard_list(shards / "train")]
     (folder / WIDS_INDEX).write_text(json.dumps({"wids_version": 1, "shardlist": listed}))
     indexed = WebDatasetSource(folder)
     assert len(indexed) == len(counted) == 40
     assert indexed.row(33) == counted.row(33) and np.array_equal(indexed.image(33), counted.image(33))
-    assert sorted(p.name for p in (shards / "train").iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]  # nothing written by the data
+    # nothing written by the data
+    assert sorted(p.name for p in (shards / "train").iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]
 
 
 def test_missing_or_corrupt_tars_are_named(shards, tmp_path):
@@ -109,7 +114,8 @@ def test_missing_or_corrupt_tars_are_named(shards, tmp_path):
 
 
 def test_a_wrong_data_dir_names_both_layouts(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train.jsonl and the images it lists \\(the folder layout\\) or .tar shards"):
+    with pytest.raises(FileNotFoundError,
+                       match="train.jsonl and the images it lists \\(the folder layout\\) or .tar shards"):
         open_image_captions(tmp_path)
     (tmp_path / "train").mkdir()
     with pytest.raises(FileNotFoundError, match=f"no train split in {tmp_path}"):
@@ -126,11 +132,14 @@ def _papermill(tmp_path, **params):
 @pytest.mark.slow  # the train notebook on tiny-paper
 def test_train_notebook_on_tiny_paper_from_webdataset_tars_of_mixed_sizes(shards, tmp_path):
     before = sorted(p.relative_to(shards) for p in shards.rglob("*"))
-    metrics = _papermill(tmp_path, profile="tiny-paper", data_dir=str(shards), method="image-loss", shard_size=8, max_images=20,
-                         steps=3, batch_size=4, eval_batches=1, ckpt_every=2, warmup=1, max_new_tokens=4, extract_batch_size=4,
+    metrics = _papermill(tmp_path, profile="tiny-paper", data_dir=str(shards), method="image-loss", shard_size=8,
+                         max_images=20,
+                         steps=3, batch_size=4, eval_batches=1, ckpt_every=2, warmup=1, max_new_tokens=4,
+                         extract_batch_size=4,
                          output_dir=str(tmp_path / "run"))
     assert metrics["metrics"]["train_samples"] == 20 and metrics["metrics"]["validation_samples"] == 4
-    assert np.isfinite([metrics["metrics"]["heldout"]["loss"], *metrics["metrics"]["image_decoder_flow_loss"].values()]).all()
+    assert np.isfinite([metrics["metrics"]["heldout"]["loss"],
+                        *metrics["metrics"]["image_decoder_flow_loss"].values()]).all()
     assert metrics["metrics"]["content_probe"] is not None  # the cc_sbu json carries the rendered pair
     assert metrics["run"]["loaded"]["image_decoder"] == "FluxPipeline" and metrics["run"]["peak_host_memory_mib"] > 100
     cache = FeatureCache(tmp_path / "run" / "features" / "train")

@@ -49,7 +49,8 @@ def site(tmp_path_factory):
     shutil.copytree(ROOT / "_proc", tmp / "_proc", ignore=shutil.ignore_patterns("_docs", "results"))
     subprocess.run([sys.executable, ROOT / "tools" / "build_docs.py", "--run", run, "--proc", tmp / "_proc", "--out",
                     tmp / "_docs"], cwd=ROOT, check=True, capture_output=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(tmp / "_docs")))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(QuietHandler, directory=str(tmp / "_docs")))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield tmp, f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
@@ -90,7 +91,8 @@ def test_results_page_is_cleaned(site):
     tagged = lambda tag: [c for c in cells if tag in c["metadata"].get("tags", [])]
     outs = [o for c in cells for o in c.get("outputs", [])]
     assert cells[0]["cell_type"] == "raw" and "— results of run test-run" in source(cells[0])
-    assert not [o for o in outs if o.get("name") == "stderr" or "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert not [o for o in outs if o.get("name") == "stderr"
+                or "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert not tagged("injected-parameters")
     assert len(tagged("parameters")) == 1 and "sample_steps: int = 2" in source(tagged("parameters")[0])
     assert [o for o in outs if "image/png" in o.get("data", {})], "the executed notebook has no inline figure"
@@ -128,11 +130,14 @@ def test_every_page_in_chromium(site):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.route("**/*", route)
-        page.on("console", lambda m: problems.append(f"{page.url}: console {m.type}: {m.text}") if m.type == "error" else None)
-        # moving on to the next page cancels (net::ERR_ABORTED) what the last one fetches after `load`, such as its favicon
+        page.on("console",
+                lambda m: problems.append(f"{page.url}: console {m.type}: {m.text}") if m.type == "error" else None)
+        # moving on to the next page cancels (net::ERR_ABORTED) what the last one fetches after `load`, such as its
+        # favicon
         page.on("requestfailed", lambda r: problems.append(f"{page.url}: failed request {r.url} ({r.failure})")
                 if r.failure != "net::ERR_ABORTED" else None)
-        page.on("response", lambda r: problems.append(f"{page.url}: {r.status} for {r.url}") if r.status >= 400 else None)
+        page.on("response",
+                lambda r: problems.append(f"{page.url}: {r.status} for {r.url}") if r.status >= 400 else None)
         for name in pages(tmp / "_docs") + pages(tmp / "_docs", "results"):
             page.goto(f"{base}/{name}", wait_until="load")
             seen[name] = page.evaluate(PAGE_STATE)
@@ -140,7 +145,8 @@ def test_every_page_in_chromium(site):
     assert not [u for u in requests if not is_loopback(u)], "requests leave 127.0.0.1"
     assert not problems, "\n".join(problems)
     for name, s in seen.items():
-        assert s["heading"] and s["title"].startswith(s["heading"]), f"{name}: title {s['title']!r}, heading {s['heading']!r}"
+        assert s["heading"] and s["title"].startswith(s["heading"]), (f"{name}: title {s['title']!r}, heading "
+                                                                      f"{s['heading']!r}")
         assert all(s["images"]), f"{name}: {s['images'].count(False)} of {len(s['images'])} images did not decode"
     assert seen["index.html"]["heading"] == "thinkdiff_nb"
     assert seen["index.html"]["tables"], "the home page has no table"
@@ -148,9 +154,11 @@ def test_every_page_in_chromium(site):
         wide = [t for t in seen[name]["tables"] if max(t["width"], t["scrolled"]) > t["box"]]
         assert not wide, f"{name}: tables wider than their box, their right-hand columns out of sight: {wide}"
     headings = [s["heading"] for s in seen.values()]
-    assert len(set(headings)) == len(headings), f"pages share a heading: {sorted(h for h in headings if headings.count(h) > 1)}"
+    assert len(set(headings)) == len(headings), ("pages share a heading: "
+                                                 f"{sorted(h for h in headings if headings.count(h) > 1)}")
     results = seen[f"results/{RESULTS_NB}.html"]
-    assert results["heading"].endswith("— results of run test-run") and results["images"], "the results page has no figure"
+    assert results["heading"].endswith("— results of run test-run") and results["images"], ("the results page has no "
+                                                                                            "figure")
     with_maths = {name: s for name, s in seen.items() if s["maths"]}
     assert with_maths, "no page renders maths with KaTeX"
     assert all(s["katexFonts"] for s in with_maths.values()), f"KaTeX's fonts not loaded on {sorted(with_maths)}"

@@ -5,12 +5,14 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 STEPS = ["environment", "load_inference", "vlm_generation", "row_semantics", "flux_image", "extract_answers",
-         "released_aligner", "judges", "cobsat_block", "t5_decoder", "training_steps", "premise", "flux_offload", "video"]
+         "released_aligner", "judges", "cobsat_block", "t5_decoder", "training_steps", "premise", "flux_offload",
+         "video"]
 
 
 @pytest.mark.slow  # every paper-scale model class once, on tiny weights
 def test_gpu_check_runs_every_step_on_tiny_paper(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--profile", "tiny-paper", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--profile", "tiny-paper", "--out",
+                           str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [l for l in done.stdout.splitlines() if l.startswith("[")]

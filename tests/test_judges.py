@@ -19,7 +19,8 @@ def cobsat_eval_prompts(task_type: str) -> dict:
     "evaluation_icl.py's get_eval_prompt in image mode, restated."
     detail, obj = task_type.split("_")
     item_list = {"detail": ITEM_DICT[detail], "obj": ITEM_DICT[obj]}
-    prompts = {"detail": f"What is the {detail} (of the main object) in this image? Answer from the following options: ",
+    prompts = {"detail": f"What is the {detail} (of the main object) in this image? Answer from the following "
+                         "options: ",
                "obj": "What is the main object in this image? Answer from the following options: "}
     for mode in prompts:
         for i, item in enumerate(item_list[mode]):
@@ -43,7 +44,8 @@ def cobsat_parse(response: str, n_options: int = 10) -> int:
 REPLIES = {  # reply -> CoBSAT's option
     "1": 1, "10": 10, "(3)": 3, "3": 3, "9.": 9, "01": 1, "The answer is 7.": 7, "Answer: (4)cup": 4, "(2)white": 2,
     "1 or 2": -1, "(1)yellow (2)white": -1, "0": -1, "11": -1, "100": -1, "": -1, "none": -1, "-3": 3,
-    "²": -1, "3²": -1, "The answer is ²": -1, "٣": 3,  # superscript two: isdigit but not int(); Arabic-Indic three: both
+    # superscript two: isdigit but not int(); Arabic-Indic three: both
+    "²": -1, "3²": -1, "The answer is ²": -1, "٣": 3,
 }
 
 
@@ -71,8 +73,10 @@ def test_questions_are_cobsats():
         assert judge_questions(theme) == {"attribute": expected["detail"], "subject": expected["obj"]}
         assert judge_questions(name) == judge_questions(theme)
     style = judge_questions("style_object")["attribute"]
-    assert style == ("What is the style (of the main object) in this image? Answer from the following options:  (1)watercolor "
-                     "(2)sketch (3)pixel (4)origami (5)lego (6)icon (7)graffiti (8)futuristic (9)wireframe (10)old. Answer "
+    assert style == ("What is the style (of the main object) in this image? Answer from the following options:  "
+                     "(1)watercolor "
+                     "(2)sketch (3)pixel (4)origami (5)lego (6)icon (7)graffiti (8)futuristic (9)wireframe (10)old. "
+                     "Answer "
                      "the number only and do not include any other texts (e.g., 1).")
     background = judge_questions("background_animal")
     assert " (5)amusement park (6)gym " in background["attribute"] and "(1)zebra" in background["subject"]
@@ -92,9 +96,11 @@ def test_mini_judge_is_judge_pairs():
         right += sum(g == p for g, p in zip(given, pairs))
     assert right >= 24  # of 30: the trained CNN reads renders
     random = MiniJudge(load_judge("tiny-random"))
-    images = np.stack([render("texture_object", "box", "lace", 32, seed=1), render("texture_object", "cup", "wood", 32, seed=2)])
+    images = np.stack([render("texture_object", "box", "lace", 32, seed=1),
+                       render("texture_object", "cup", "wood", 32, seed=2)])
     answers = random.answer(images, "texture_object")
-    assert list(zip(answers.subject_answer, answers.attribute_answer)) == judge_pairs(random.judge, images, "texture_object")
+    assert list(zip(answers.subject_answer, answers.attribute_answer)) == judge_pairs(random.judge, images,
+                                                                                      "texture_object")
 
 
 def test_llava_judge_on_tiny_paper(paper, renders):
@@ -148,7 +154,8 @@ def test_clip_judge_is_cobsats_metric(paper, renders):
     negative = 0
     for i, (subject, attribute) in enumerate(targets):  # CoBSAT's eval_clip on each image
         texts = [attribute, subject, f"{attribute} {subject}"] + ITEM_DICT["object"] + ITEM_DICT["color"]
-        inputs = processor(text=texts, images=images[i], return_tensors="pt", padding=True, truncation=True, max_length=77)
+        inputs = processor(text=texts, images=images[i], return_tensors="pt", padding=True, truncation=True,
+                           max_length=77)
         with torch.no_grad():
             out = model(**inputs)
             raw = (torch.matmul(out.text_embeds, out.image_embeds.t()) * model.logit_scale.exp()).t()[0].numpy()

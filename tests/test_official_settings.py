@@ -1,6 +1,7 @@
 """The paper path does what the official run does: each finding of a reading against the official ThinkDiff and CoBSAT
 code, checked on tiny models of the paper's classes (decoding, the aligner's input, training, loading, costs)."""
 import copy, json, re, shutil
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 import numpy as np
@@ -18,13 +19,13 @@ import thinkdiff_nb.clip as clip_module
 from thinkdiff_nb.aligner import t5_aligner
 from thinkdiff_nb.backbones import (description_messages, get_profile, icl_messages, load_t5, load_vlm, mini_t5_config,
                                     t5_decoder_only, vlm_batch)
-from thinkdiff_nb.clip import ClipBatches, ImageTokens, train_clip_aligner, vision_pixels
+from thinkdiff_nb.clip import ClipBatches, ClipTraining, ImageTokens, train_clip_aligner, vision_pixels
 from thinkdiff_nb.cobsat import evaluate, rejudge
 from thinkdiff_nb.data import MemorySource
 from thinkdiff_nb.features import FeatureCache, end_token_ids, extract_features, generate_with_features
 from thinkdiff_nb.inference import ThinkDiff, conditioning, draw, respond
 from thinkdiff_nb.judges import judge_dtype, load_cobsat_judge
-from thinkdiff_nb.train import AlignerBatches, aligner_loss, train_aligner
+from thinkdiff_nb.train import AlignerBatches, AlignerTraining, aligner_loss, train_aligner
 from thinkdiff_nb.world import TASKS, THEMES, render, task_prompts
 
 ROOT = Path(__file__).parents[1]
@@ -43,14 +44,18 @@ def vlm(paper):
 def _images(n: int, theme="color_object") -> MemorySource:
     "n MiniCoBSAT renders of different sizes with their rows."
     theme = THEMES[theme]
-    rows = [{"image": f"{i}", "theme": theme.name, "subject": theme.subjects[i % 10], "attribute": theme.attributes[i // 3 % 10],
+    rows = [{"image": f"{i}", "theme": theme.name, "subject": theme.subjects[i % 10],
+             "attribute": theme.attributes[i // 3 % 10],
              "caption": f"a {theme.attributes[i // 3 % 10]} {theme.subjects[i % 10]} in a photo"} for i in range(n)]
-    return MemorySource([render(theme, r["subject"], r["attribute"], size=32 + 8 * (i % 3), seed=i) for i, r in enumerate(rows)], rows)
+    return MemorySource([render(theme, r["subject"], r["attribute"], size=32 + 8 * (i % 3), seed=i) for i,
+                         r in enumerate(rows)], rows)
 
 
 def _eos_prone(model, processor, conversation, images):
-    "A copy of the VLM whose greedy answer would end at its fourth token: that token's lm_head row is given to <|im_end|>."
-    plain = generate_with_features(model, processor, [conversation], [images], 4, sample=False, capture=None, image_size=None)[0]
+    ("A copy of the VLM whose greedy answer would end at its fourth token: that token's lm_head row is given to "
+     "<|im_end|>.")
+    plain = generate_with_features(model, processor, [conversation], [images], 4, sample=False, capture=None,
+                                   image_size=None)[0]
     prone = copy.deepcopy(model)
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad(): prone.lm_head.weight[end] = prone.lm_head.weight[int(plain["generated_ids"][3])] * 1.5
@@ -58,7 +63,8 @@ def _eos_prone(model, processor, conversation, images):
 
 
 def _greedy_by_hand(model, processor, conversation, images, n: int) -> list[int]:
-    "n tokens by full forward passes, each the arg-max of the next-token logits with the end tokens masked (vLLM's min_tokens)."
+    ("n tokens by full forward passes, each the arg-max of the next-token logits with the end tokens masked (vLLM's "
+     "min_tokens).")
     batch = vlm_batch(processor, [conversation], [images], image_size=None)
     ends, ids = end_token_ids(model, processor.tokenizer), batch["input_ids"]
     for _ in range(n):
@@ -75,7 +81,8 @@ def _greedy_by_hand(model, processor, conversation, images, n: int) -> list[int]
 
 
 def test_the_hub_generation_config_neither_penalises_nor_ends_a_fixed_length_answer(paper, vlm):
-    "Qwen2-VL's hub file (repetition penalty 1.05, top-k 1) reaches no call; 'N tokens, EOS ignored' has no end token inside."
+    ("Qwen2-VL's hub file (repetition penalty 1.05, top-k 1) reaches no call; 'N tokens, EOS ignored' has no end token "
+     "inside.")
     model, processor = vlm
     assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 1  # as on the hub
     conversation = icl_messages(task_prompts(TASKS[0], 2, 1)[0].texts)
@@ -103,14 +110,16 @@ def test_an_answer_that_may_stop_stops_at_either_end_token(paper, vlm):
     prone = _eos_prone(model, processor, conversation, images)
     out = generate_with_features(prone, processor, [conversation], [images], 24, sample=False, image_size=None)[0]
     assert out["generated_ids"].tolist()[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert 1 <= len(out["generated_ids"]) < 24 and len(out["generated_features"]) == len(out["generated_ids"])  # EOS kept
+    # EOS kept
+    assert 1 <= len(out["generated_ids"]) < 24 and len(out["generated_features"]) == len(out["generated_ids"])
 
 
 # --- 3: the aligner's input
 
 
 def test_a_prompts_aligned_tokens_and_image_do_not_depend_on_its_block(paper):
-    "Prompt states of different lengths are projected alone and drawn without padding rows (the official code has none)."
+    ("Prompt states of different lengths are projected alone and drawn without padding rows (the official code has "
+     "none).")
     td = ThinkDiff.load(paper, {"input-tokens": paper.aligners["input-tokens"]})
     prompts = task_prompts(TASKS[2], 2, 3)
     responses = respond(td, prompts, n_tokens=4)
@@ -130,7 +139,8 @@ def test_a_prompts_aligned_tokens_and_image_do_not_depend_on_its_block(paper):
 @pytest.fixture(scope="module")
 def paper_cache(paper, vlm, tmp_path_factory):
     model, processor = vlm
-    return extract_features(model, processor, _images(8), tmp_path_factory.mktemp("features"), paper.describe_instructions,
+    return extract_features(model, processor, _images(8), tmp_path_factory.mktemp("features"),
+                            paper.describe_instructions,
                             shard_size=8, batch_size=8, max_new_tokens=8, image_size=None,
                             vision_id=paper.describe_vision_id)
 
@@ -139,7 +149,9 @@ def test_extraction_prompts_carry_no_picture_label_and_record_the_applied_sampli
     model, processor = vlm
     params = paper_cache.manifest["params"]
     assert params["vision_id"] is False and params["generation"]["repetition_penalty"] == 1.0
-    assert (params["generation"]["temperature"], params["generation"]["top_p"], params["generation"]["top_k"]) == (0.6, 0.9, 0)
+    assert (params["generation"]["temperature"], params["generation"]["top_p"], params["generation"]["top_k"]) == (0.6,
+                                                                                                                   0.9,
+                                                                                                                   0)
     item = paper_cache[0]
     unlabelled = vlm_batch(processor, [description_messages(item["instruction"])], [[_images(8)[0]["pixels"]]],
                            image_size=None, vision_id=False)
@@ -148,7 +160,8 @@ def test_extraction_prompts_carry_no_picture_label_and_record_the_applied_sampli
 
 
 def test_the_in_context_instruction_is_the_official_scripts(vlm):
-    "The instruction ends in a blank line; 'Word 1' follows it directly, later words after a blank line, pictures labelled."
+    ("The instruction ends in a blank line; 'Word 1' follows it directly, later words after a blank line, pictures "
+     "labelled.")
     _, processor = vlm
     prompt = task_prompts(TASKS[0], 2, 1)[0]  # blue, brown -> orange
     text = processor.apply_chat_template(icl_messages(prompt.texts), add_generation_prompt=True, add_vision_id=True,
@@ -171,21 +184,29 @@ def test_the_captioning_loss_is_float32_cross_entropy_of_the_bf16_decoder(paper,
     assert out.loss.dtype == torch.bfloat16 and out.loss.float() != float32  # transformers' own loss stays in bf16
 
 
-def test_training_leaves_gradients_unclipped_and_the_frozen_t5_in_train_mode(paper, paper_cache, vlm, tmp_path, monkeypatch):
-    "The official runner: no clipping; model.train() on the whole model, so Flan-T5's dropout (0.1) is on; metrics in eval mode."
+def test_training_leaves_gradients_unclipped_and_the_frozen_t5_in_train_mode(paper, paper_cache, vlm, tmp_path,
+                                                                             monkeypatch):
+    ("The official runner: no clipping; model.train() on the whole model, so Flan-T5's dropout (0.1) is on; metrics in "
+     "eval mode.")
     t5, t5_tokenizer = load_t5(paper, encoder=False)
     assert t5.config.dropout_rate == 0.1
     clips, fit = [], train_module.fit
-    monkeypatch.setattr(train_module, "fit", lambda *a, **k: clips.append(k["clip"]) or fit(*a, **k))
-    run = lambda dropout, out: train_aligner(paper_cache, paper_cache, t5, t5_tokenizer, vlm[1].tokenizer, paper.t5, out,
-                                             steps=1, batch_size=4, warmup=1, eval_batches=1, t5_dropout=dropout)
+    monkeypatch.setattr(train_module, "fit", lambda model, loss_fn, schedule, *a, **k: clips.append(schedule.grad_clip)
+                        or fit(model, loss_fn, schedule, *a, **k))
+    config = lambda dropout: AlignerTraining(batch_size=4, eval_batches=1, t5_dropout=dropout,
+                                             schedule=replace(AlignerTraining().schedule, steps=1, warmup=1))
+    run = lambda dropout, out: train_aligner(paper_cache, paper_cache, t5, t5_tokenizer, vlm[1].tokenizer, paper.t5,
+                                             out,
+                                             config(dropout))
     first_batch = AlignerBatches(paper_cache, "thinkdiff", vlm[1].tokenizer, t5_tokenizer, batch_size=4)(
         torch.Generator().manual_seed(0))  # fit draws its first batch from a generator seeded with the run's seed
-    with torch.no_grad(): eval_loss = aligner_loss(t5_aligner(paper_cache.width, t5, paper.t5, "t5", 0), t5.eval(), first_batch)
+    with torch.no_grad():
+        eval_loss = aligner_loss(t5_aligner(paper_cache.width, t5, paper.t5, "t5", 0), t5.eval(), first_batch)
     _, no_dropout, _ = run(False, tmp_path / "eval")
     _, dropout, _ = run(True, tmp_path / "train")
-    assert clips == [None, None]
-    assert no_dropout[0] == pytest.approx(eval_loss.item(), rel=1e-6) and dropout[0] != pytest.approx(eval_loss.item(), rel=1e-3)
+    assert clips == [0.0, 0.0]  # the default: off
+    assert no_dropout[0] == pytest.approx(eval_loss.item(), rel=1e-6) and dropout[0] != pytest.approx(eval_loss.item(),
+                                                                                                      rel=1e-3)
     assert not t5.training  # back in eval mode for the held-out metrics
 
 
@@ -197,17 +218,20 @@ def test_clip_training_defaults_are_the_official_runners(monkeypatch, tmp_path):
     tokens = ImageTokens(vision, _images(4))
     calls = []
     fit = clip_module.fit
-    def spy(model, loss_fn, *a, **k):
-        calls.append((k["clip"], t5.training))
-        return fit(model, loss_fn, *a, **k)
+    def spy(model, loss_fn, schedule, *a, **k):
+        calls.append((schedule.grad_clip, t5.training))
+        return fit(model, loss_fn, schedule, *a, **k)
     monkeypatch.setattr(clip_module, "fit", spy)
-    train_clip_aligner(tokens, tokens, t5, t5_tokenizer, profile.t5, tmp_path, steps=1, batch_size=2, warmup=1, eval_batches=1)
-    assert calls == [(None, True)] and not t5.training
+    config = ClipTraining(batch_size=2, eval_batches=1, schedule=replace(ClipTraining().schedule, steps=1, warmup=1))
+    train_clip_aligner(tokens, tokens, t5, t5_tokenizer, profile.t5, tmp_path, config)
+    assert calls == [(0.0, True)] and not t5.training  # the default: unclipped
 
 
 def test_clip_images_are_squashed_as_blips_processor_does():
-    wide = np.concatenate([render("color_object", "car", "red", 48), render("color_object", "hat", "blue", 48)], 1)  # 48 x 96
-    processor = BlipImageProcessorPil(size={"height": 32, "width": 32}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    # 48 x 96
+    wide = np.concatenate([render("color_object", "car", "red", 48), render("color_object", "hat", "blue", 48)], 1)
+    processor = BlipImageProcessorPil(size={"height": 32, "width": 32}, image_mean=OPENAI_CLIP_MEAN,
+                                      image_std=OPENAI_CLIP_STD)
     assert torch.allclose(vision_pixels([wide], 32), processor(wide, return_tensors="pt").pixel_values, atol=1e-5)
 
 
@@ -233,12 +257,14 @@ def test_an_older_flan_t5_conversion_with_only_the_decoders_embedding_loads(tmp_
     full.config.save_pretrained(tmp_path)
     tied = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
     save_file({k: v.contiguous() for k, v in full.state_dict().items() if k not in tied}
-              | {"decoder.embed_tokens.weight": full.shared.weight.detach().contiguous()}, str(tmp_path / "model.safetensors"))
+              | {"decoder.embed_tokens.weight": full.shared.weight.detach().contiguous()},
+              str(tmp_path / "model.safetensors"))
     states, labels = torch.randn(2, 5, 32), torch.randint(3, 64, (2, 4))
     reference = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         expected = full(encoder_outputs=(states,), labels=labels).loss
-        assert torch.allclose(reference(encoder_outputs=(states,), labels=labels).loss, expected)  # transformers resolves it
+        # transformers resolves it
+        assert torch.allclose(reference(encoder_outputs=(states,), labels=labels).loss, expected)
         assert torch.allclose(t5_decoder_only(str(tmp_path))(encoder_outputs=(states,), labels=labels).loss, expected)
 
 
@@ -246,7 +272,8 @@ def test_an_older_flan_t5_conversion_with_only_the_decoders_embedding_loads(tmp_
 
 
 def test_a_kept_cobsat_run_is_judged_again_by_another_judge_from_its_files(paper, tmp_path):
-    "Judging kept images with CLIP gives the records of a run that drew them with CLIP as its judge; nothing is drawn again."
+    ("Judging kept images with CLIP gives the records of a run that drew them with CLIP as its judge; nothing is drawn "
+     "again.")
     td = ThinkDiff.load(paper, {"thinkdiff": paper.aligners["thinkdiff"]})
     kw = dict(shots=(2,), n_prompts=3, methods=("thinkdiff", "text-bridge"), tasks=TASKS[:2], batch_size=2, n_tokens=4,
               steps=2, size=32)
@@ -272,7 +299,8 @@ def test_each_process_decodes_only_its_share_of_a_clip_batch():
     vision = clip_module.CLIPVisionModel(clip_module.mini_vision_config(hidden=16, layers=1)).eval()
     batches = ClipBatches(ImageTokens(vision, counting, keep=False), load_t5(profile)[1], batch_size=8, share=(0, 2))
     batches(torch.Generator().manual_seed(0))
-    drawn = torch.randint(16, (8,), generator=torch.Generator().manual_seed(0)).tolist()  # the global batch ClipBatches drew
+    # the global batch ClipBatches drew
+    drawn = torch.randint(16, (8,), generator=torch.Generator().manual_seed(0)).tolist()
     assert Counting.decoded == len(set(drawn[:4]))  # this process's half, each image once
 
 

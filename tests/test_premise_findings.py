@@ -1,4 +1,5 @@
-"The findings notebook: one row per backbone change with finite measures, the shipped backbones as premise-broken, reruns read the rows, unknown changes named."
+("The findings notebook: one row per backbone change with finite measures, the shipped backbones as premise-broken, "
+ "reruns read the rows, unknown changes named.")
 import json
 from pathlib import Path
 import numpy as np
@@ -9,13 +10,15 @@ from thinkdiff_nb.backbones import get_profile
 from thinkdiff_nb.aligner import t5_final_norm_weight
 
 NBS = Path(__file__).parents[1] / "nbs"
-TINY = dict(changes=["premise-broken", "uneven-norm"], backbone_steps=2, aligner_steps=3, aligner_batch_size=8, eval_batches=1,
+TINY = dict(changes=["premise-broken", "uneven-norm"], backbone_steps=2, aligner_steps=3, aligner_batch_size=8,
+            eval_batches=1,
             max_images=32, n_prompts=1, sample_steps=2, shots=[2])
 
 
 def _run(out: Path, **params):
     import papermill as pm
-    pm.execute_notebook(str(NBS / "08_premise_findings.ipynb"), str(out.with_suffix(".ipynb")), cwd=str(NBS), progress_bar=False,
+    pm.execute_notebook(str(NBS / "08_premise_findings.ipynb"), str(out.with_suffix(".ipynb")), cwd=str(NBS),
+                        progress_bar=False,
                         parameters={**TINY, **params, "output_dir": str(out)}, kernel_name="python3")
     return out
 
@@ -28,7 +31,8 @@ def test_findings_notebook_tiny(tmp_path):
     assert np.isfinite(table.to_numpy(float)).all()
     broken, uneven = table.loc["premise-broken"], table.loc["uneven-norm"]
     shipped_norm = t5_final_norm_weight(get_profile("mini").t5)
-    assert torch.equal(t5_final_norm_weight(str(out / "premise-broken" / "backbones" / "t5")), shipped_norm)  # the shipped T5, saved
+    # the shipped T5, saved
+    assert torch.equal(t5_final_norm_weight(str(out / "premise-broken" / "backbones" / "t5")), shipped_norm)
     assert broken.norm_weight_std == pytest.approx(float(shipped_norm.std()), rel=1e-6)
     assert uneven.norm_weight_std > 10 * broken.norm_weight_std
     # the uneven norm is function-preserving: the changed T5 and image decoder draw the empty prompt's loss unchanged
@@ -39,7 +43,8 @@ def test_findings_notebook_tiny(tmp_path):
     assert len(rates) == 9 and ((table[rates] >= 0) & (table[rates] <= 1)).all().all()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["params"]["changes"] == TINY["changes"] and [r["change"] for r in metrics["rows"]] == TINY["changes"]
-    assert (out / "findings.png").exists() and all(f"| {c} " in (out / "findings.md").read_text() for c in TINY["changes"])
+    assert (out / "findings.png").exists() and all(f"| {c} " in (out / "findings.md").read_text()
+                                                   for c in TINY["changes"])
     # a rerun reads each trial's row instead of recomputing it
     written = {c: (out / c / "row.json").stat().st_mtime_ns for c in TINY["changes"]}
     _run(out)

@@ -9,7 +9,7 @@ from thinkdiff_nb.world import TASKS, THEMES, display_word, render, task_prompts
 from thinkdiff_nb.backbones import (description_messages, get_profile, icl_messages, ImageOnlyQwen2VLProcessor,
                                     load_vlm, mini_vlm_config, mini_vlm_processor, vlm_answers, vlm_batch)
 from thinkdiff_nb.world import is_heldout_pair
-from thinkdiff_nb.loop import fit
+from thinkdiff_nb.loop import Schedule, fit
 from thinkdiff_nb.pretrain import LookaheadVLM, VLMData, vlm_loss_fn
 
 
@@ -64,10 +64,11 @@ def test_one_training_step(processor, tmp_path):
             for s in theme.subjects for a in theme.attributes]
     images = np.stack([render(theme, r["subject"], r["attribute"]) for r in rows])
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1, vision_dim=32))
+    model = Qwen2VLForConditionalGeneration(mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1,
+                                                            vision_dim=32))
     before = [p.detach().clone() for p in model.parameters()]
-    losses = fit(LookaheadVLM(model, 0.5), vlm_loss_fn(processor, VLMData(images, rows), batch_size=4), 1, tmp_path / "vlm.pt",
-                 warmup=0).losses
+    losses = fit(LookaheadVLM(model, 0.5), vlm_loss_fn(processor, VLMData(images, rows), batch_size=4),
+                 Schedule(steps=1, warmup=0), tmp_path / "vlm.pt").losses
     assert np.isfinite(losses[0]) and any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
@@ -77,7 +78,8 @@ def test_lookahead_loss_adds_to_the_next_token_loss(processor):
                       [[render("color_object", "car", "red")], [render("texture_object", "box", "lace")]],
                       answers=["a picture of a red car.", "a picture of a box made of lace."], padding_side="right")
     torch.manual_seed(0)
-    vlm = Qwen2VLForConditionalGeneration(mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1, vision_dim=32))
+    vlm = Qwen2VLForConditionalGeneration(mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1,
+                                                          vision_dim=32))
     plain, weighted = LookaheadVLM(vlm, 0.0), LookaheadVLM(vlm, 0.5)
     weighted.head.load_state_dict(plain.head.state_dict())
     with torch.no_grad():
@@ -91,7 +93,8 @@ def test_in_context_samples_never_answer_a_heldout_pair():
     for theme in THEMES.values():
         for s in theme.subjects:
             for a in theme.attributes:
-                rows.append({"theme": theme.name, "subject": s, "attribute": a, "caption": ""}); images.append(np.zeros((32, 32, 3), np.uint8))
+                rows.append({"theme": theme.name, "subject": s, "attribute": a, "caption": ""})
+                images.append(np.zeros((32, 32, 3), np.uint8))
     data, rng = VLMData(np.stack(images), rows), random.Random(0)
     for _ in range(300):
         messages, imgs, answer = data.icl(rng)
@@ -108,8 +111,10 @@ def test_generate_with_hidden_states_on_a_batch(tiny_vlm):
                          return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
     assert out.sequences.shape == (3, batch["input_ids"].shape[1] + 6)
     assert len(out.hidden_states) == 6
-    assert out.hidden_states[0][-1].shape[:2] == batch["input_ids"].shape and out.hidden_states[1][-1].shape[:2] == (3, 1)
-    texts = vlm_answers(model, processor, [icl_messages(p.texts) for p in prompts], [p.images() for p in prompts], max_new_tokens=4)
+    assert out.hidden_states[0][-1].shape[:2] == batch["input_ids"].shape and out.hidden_states[1][-1].shape[:2] == (3,
+                                                                                                                     1)
+    texts = vlm_answers(model, processor, [icl_messages(p.texts) for p in prompts], [p.images() for p in prompts],
+                        max_new_tokens=4)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
 
 
@@ -119,10 +124,12 @@ def test_bad_input(processor, tiny_vlm):
     with pytest.raises(ValueError, match="more than the configured limit of 4"):
         vlm_batch(processor, [icl_messages(prompt.texts)], [prompt.images()], max_images=4)
     with pytest.raises(ValueError, match="2 pictures but 1 images"):
-        vlm_batch(processor, [icl_messages(task_prompts(TASKS[0], 2, 1)[0].texts)], [[render("color_object", "car", "red")]])
+        vlm_batch(processor, [icl_messages(task_prompts(TASKS[0], 2, 1)[0].texts)],
+                  [[render("color_object", "car", "red")]])
     # a non-square image is no error: the mini VLM sees its central square
     wide = np.zeros((32, 48, 3), np.uint8); wide[:, 8:40] = render("color_object", "car", "red")
-    crops = [vlm_batch(processor, [description_messages("What is in this image?")], [[im]]) for im in (wide, wide[:, 8:40])]
+    crops = [vlm_batch(processor, [description_messages("What is in this image?")], [[im]]) for im in (wide,
+                                                                                                       wide[:, 8:40])]
     assert torch.equal(crops[0]["pixel_values"], crops[1]["pixel_values"])
     # other modes and sizes are converted: a grey 64x64 image gives the same 16 tokens as an RGB 32x32 one
     grey = Image.fromarray(render("color_object", "car", "red", size=64)).convert("L")

@@ -3,7 +3,8 @@ import collections, json, random
 from pathlib import Path
 import numpy as np
 import pytest
-from thinkdiff_nb.world import (TASKS, THEMES, SHOTS, ImageCaptionSet, caption, caption_variants, cobsat_prompt_list, describe,
+from thinkdiff_nb.world import (TASKS, THEMES, SHOTS, ImageCaptionSet, caption, caption_variants, cobsat_prompt_list,
+                                describe,
                                 min_pair_distance, parse_pair, render, task_prompts, write_image_caption_set)
 
 FIXTURE = Path(__file__).parents[1] / "data/fixtures/cobsat_prompt_list_default.json"

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration, T5
 from diffusers import FluxTransformer2DModel, ModelMixin, ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from .world import AXES, FRAMES, PHRASES, as_theme, display_word
-from .methods import ALIGNER_METHODS
+from .methods import ALIGNER_METHODS, THINKDIFF_CLIP
 from .runtime import MINI_DIR, built_once, read_tensor, weight_files
 
 
@@ -37,12 +37,14 @@ def words_of(texts) -> list[str]:
     "Sorted distinct lower-case words and punctuation marks of `texts`."
     return sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
 
+# %% ../nbs/01_backbones.ipynb #cb3073d1
 def world_texts() -> list[str]:
     "Template text that covers every caption word of the world (axis values, display words, phrases, frames)."
     texts = [v for vs in AXES.values() for v in vs] + [display_word(v) for vs in AXES.values() for v in vs]
     texts += [p for axis in PHRASES.values() for ps in axis.values() for p in ps] + FRAMES + ["an . , : ; the is"]
     return [t.replace("{s}", "").replace("{p}", "") for t in texts]
 
+# %% ../nbs/01_backbones.ipynb #6d0927ff
 def build_word_tokenizer(words, specials=T5_SPECIALS, eos: str | None = "</s>") -> Tokenizer:
     "A `tokenizers` word-level tokenizer over `specials` then `words`, lower-casing, appending `eos` if given."
     vocab = {t: i for i, t in enumerate(list(specials) + [w for w in words if w not in specials])}
@@ -52,14 +54,17 @@ def build_word_tokenizer(words, specials=T5_SPECIALS, eos: str | None = "</s>") 
     if eos: tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, vocab[eos])])
     return tok
 
+# %% ../nbs/01_backbones.ipynb #f8eaa370
 def sentinels(n: int = N_SENTINELS) -> list[str]: return [f"<extra_id_{i}>" for i in range(n)]
 
+# %% ../nbs/01_backbones.ipynb #1550a57b
 def t5_tokenizer(tok: Tokenizer | None = None) -> T5TokenizerFast:
     "Wrap a word-level tokenizer (default: the world's) so that transformers treats it as a T5 tokenizer."
     tok = tok or build_word_tokenizer(words_of(world_texts()), T5_SPECIALS + sentinels())
     return T5TokenizerFast(tokenizer_object=tok, extra_ids=0, additional_special_tokens=sentinels(),
                            pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
+# %% ../nbs/01_backbones.ipynb #3ae827f7
 def load_t5_tokenizer(path: str | Path) -> T5TokenizerFast:
     "Load a tokenizer saved by `save_pretrained`; the hub's own T5 tokenizers load with `AutoTokenizer` instead."
     file = Path(path) / "tokenizer.json"
@@ -73,9 +78,11 @@ def mini_t5_config(vocab_size: int, d_model: int = 128, layers: int = 2) -> T5Co
                     num_decoder_layers=layers, num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                     dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
+# %% ../nbs/01_backbones.ipynb #d939f73a
 PATCH = 4  # pixels per patch side: 32x32 RGB -> 64 tokens of 48 values
 
-def mini_decoder_config(text_width: int = 128, image_size: int = 32, blocks: int = 2, heads: int = 4, head_dim: int = 32) -> dict:
+def mini_decoder_config(text_width: int = 128, image_size: int = 32, blocks: int = 2, heads: int = 4,
+                        head_dim: int = 32) -> dict:
     "FluxTransformer2DModel keyword arguments for a pixel-space decoder reading T5 states of width `text_width`."
     return dict(patch_size=1, in_channels=3 * PATCH * PATCH, out_channels=3 * PATCH * PATCH, num_layers=blocks,
                 num_single_layers=blocks, attention_head_dim=head_dim, num_attention_heads=heads,
@@ -88,6 +95,7 @@ def to_pixels(images) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images)).float()
     return x.permute(0, 3, 1, 2) / 127.5 - 1
 
+# %% ../nbs/01_backbones.ipynb #6281bba4
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     "float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."
     return ((pixels.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -102,6 +110,7 @@ def encode_text(t5: T5ForConditionalGeneration, tokenizer, texts: list[str], max
     batch = {k: v.to(t5.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     return t5.get_encoder()(**batch).last_hidden_state
 
+# %% ../nbs/01_backbones.ipynb #4e5833db
 @torch.no_grad()
 def empty_pooled(t5, tokenizer, batch_size: int = 1) -> torch.Tensor:
     "The pooled input for every conditioning: the mean T5 state of the empty prompt, (B, d_model)."
@@ -115,7 +124,8 @@ class Judge(ModelMixin, ConfigMixin):
     def __init__(self, width: int = 32, axes: tuple = tuple(AXES), n_values: int = 10):
         super().__init__()
         def block(i, o): return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                                              nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+                                              nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                              nn.MaxPool2d(2))
         self.features = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
                                       nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * width, 256), nn.ReLU())
         self.heads = nn.ModuleDict({a: nn.Linear(256, n_values) for a in axes})
@@ -124,6 +134,7 @@ class Judge(ModelMixin, ConfigMixin):
         h = self.features(pixels)
         return {a: head(h) for a, head in self.heads.items()}
 
+# %% ../nbs/01_backbones.ipynb #dbd1a957
 @torch.no_grad()
 def judge_pairs(judge: Judge, images, theme) -> list[tuple[str, str]]:
     "The judge's (subject, attribute) answer for each uint8 image (B, H, W, 3) under a theme's two questions."
@@ -145,10 +156,12 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 # Qwen2-VL-Instruct's chat template (images only): a default system turn, "Picture k: " labels with add_vision_id.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif "
+                                                                                                "%}"
     "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% "
+    "endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -159,12 +172,15 @@ DESCRIBE_INSTRUCTIONS = [
     "Write a prompt for a diffusion model to recreate this image.",
     "Give me a diffusion prompt that would reproduce this picture.",
     "Create a text prompt that lets a diffusion model draw this image again."]
-# The official extraction's 16 (`llava_brief_instructions`): 11 of LLaVA's brief-description prompts, 5 diffusion prompts;
-# one is drawn per image (the paper's Section 3.2 data). The mini VLM reads the 8 above, in its own word-level vocabulary.
+# The official extraction's 16 (`llava_brief_instructions`): 11 of LLaVA's brief-description prompts, 5 diffusion
+# prompts;
+# one is drawn per image (the paper's Section 3.2 data). The mini VLM reads the 8 above, in its own word-level
+# vocabulary.
 OFFICIAL_DESCRIBE_INSTRUCTIONS = [
     "Describe the image concisely.", "Provide a brief description of the given image.",
     "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
-    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
     "Present a compact description of the photo's key features.", "Relay a brief, clear account of the picture shown.",
     "Render a clear and concise summary of the photo.", "Write a terse but informative summary of the picture.",
     "Create a compact narrative representing the image presented.",
@@ -179,26 +195,32 @@ ICL_INSTRUCTION = ("I give you several words and pictures. First, please analyse
 
 def vlm_words() -> list[str]:
     "Every word the mini VLM reads or writes: the world's caption words, the instructions and the chat scaffolding."
-    texts = world_texts() + DESCRIBE_INSTRUCTIONS + [ICL_INSTRUCTION, SYSTEM_PROMPT, "system user assistant Picture Word"]
+    texts = world_texts() + DESCRIBE_INSTRUCTIONS + [ICL_INSTRUCTION, SYSTEM_PROMPT,
+                                                     "system user assistant Picture Word"]
     return words_of(texts) + [str(k) for k in range(1, 10)]
 
+# %% ../nbs/01_backbones.ipynb #39f1b503
 def vlm_tokenizer() -> PreTrainedTokenizerFast:
     "Word-level tokenizer with Qwen's special tokens; `<|im_end|>` ends an answer, `<|endoftext|>` pads."
     tok = build_word_tokenizer(vlm_words(), QWEN_SPECIALS, eos=None)
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no space before punctuation
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   unk_token="<unk>",
                                    additional_special_tokens=QWEN_SPECIALS[1:7], chat_template=CHAT_TEMPLATE)
 
+# %% ../nbs/01_backbones.ipynb #d3ebf9e2
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     "Qwen2VLProcessor without the video processor (which needs torchvision)."
     attributes = ["image_processor", "tokenizer"]
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
+# %% ../nbs/01_backbones.ipynb #94aac983
 def mini_vlm_processor(image_size: int = 32) -> ImageOnlyQwen2VLProcessor:
     "Processor for `image_size` square images: 4-pixel patches merged 2x2, so (size / 8)^2 tokens per image."
     pixels = image_size * image_size
-    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels)
+    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=pixels,
+                                      max_pixels=pixels)
     return ImageOnlyQwen2VLProcessor(images, vlm_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 # %% ../nbs/01_backbones.ipynb #fbdbc28d
@@ -208,11 +230,13 @@ def mini_vlm_config(tokenizer, hidden: int = 128, layers: int = 4, vision_depth:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     half = hidden // 4 // 2  # half the head dimension, split over (time, height, width) rotary sections
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=4, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -225,6 +249,7 @@ def description_messages(instruction: str) -> list[dict]:
     "Chat messages asking about one image."
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
 
+# %% ../nbs/01_backbones.ipynb #1ea0773f
 def icl_messages(texts: list[str], instruction: str = ICL_INSTRUCTION) -> list[dict]:
     "Chat messages of an interleaved prompt from CoBSAT's text pieces (\"x: \"), one picture after each but the last."
     content = [{"type": "text", "text": instruction}]
@@ -234,29 +259,35 @@ def icl_messages(texts: list[str], instruction: str = ICL_INSTRUCTION) -> list[d
         if k < len(texts) - 1: content.append({"type": "image"})
     return [{"role": "user", "content": content}]
 
+# %% ../nbs/01_backbones.ipynb #8f794a0e
 def centre_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     "The central `width` x `height` pixels of a PIL image."
     left, top = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
 
+# %% ../nbs/01_backbones.ipynb #5ed2874b
 def prepare_image(image, size: int | None,
                   crop: bool = True,  # False: the whole image squashed to the square, as BLIP's processor does
                   ) -> Image.Image:
-    "An RGB PIL image; with a `size`, its central square (or all of it) resized to `size` pixels square; with None, as it is."
+    ("An RGB PIL image; with a `size`, its central square (or all of it) resized to `size` pixels square; with None, "
+     "as it is.")
     img = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
     if size is None: return img  # the VLM's processor decides (the paper profiles)
     if crop and img.width != img.height: img = centre_crop(img, min(img.size), min(img.size))
     return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
 
+# %% ../nbs/01_backbones.ipynb #4ac1fad2
 def vlm_batch(processor, conversations: list[list[dict]], images: list[list], answers: list[str] | None = None,
               max_images: int = 8, image_size: int | None = 32, padding_side: str = "left",
               vision_id: bool = True,  # "Picture k: " before each image (the official in-context prompts have it)
               ) -> dict:
-    "Processor inputs for a batch of conversations; with `answers`, appended replies and labels on the reply tokens only."
+    ("Processor inputs for a batch of conversations; with `answers`, appended replies and labels on the reply tokens "
+     "only.")
     for conv, imgs in zip(conversations, images):
         n = sum(c["type"] == "image" for m in conv for c in m["content"] if not isinstance(m["content"], str))
         if n != len(imgs): raise ValueError(f"a conversation has {n} pictures but {len(imgs)} images were given")
-        if n > max_images: raise ValueError(f"a prompt has {n} pictures, more than the configured limit of {max_images}")
+        if n > max_images: raise ValueError(f"a prompt has {n} pictures, more than the configured limit of "
+                                            f"{max_images}")
     texts = [processor.apply_chat_template(c, add_generation_prompt=True, add_vision_id=vision_id, tokenize=False)
              for c in conversations]
     if answers is not None: texts = [t + a + "<|im_end|>" for t, a in zip(texts, answers)]
@@ -279,7 +310,8 @@ def vlm_answers(model, processor, conversations, images, max_new_tokens: int = 2
     "The VLM's reply text for each conversation."
     batch = vlm_batch(processor, conversations, images, max_images=model.config.max_images, image_size=image_size).to(model.device)
     torch.manual_seed(seed)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample,
+                         temperature=temperature if sample else None,
                          top_p=top_p if sample else None, top_k=None, pad_token_id=processor.tokenizer.pad_token_id)
     return processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -296,32 +328,37 @@ class Profile:
     vlm: str = ""    # Qwen2VLForConditionalGeneration folder (with its processor files) or id
     llava: str = ""  # CoBSAT's judge, LlavaForConditionalGeneration folder or id (the paper: llava-1.5-13b)
     clip: str = ""   # CoBSAT's second metric, CLIPModel folder or id (ViT-B/32)
-    vision: str | None = None  # ThinkDiff-CLIP's vision encoder: a BLIP-2 folder or id whose vision tower is read (EVA ViT-g, 1408 wide, 224 px)
-    video: str | None = None   # CogVideoXPipeline folder or id for ThinkDiff-CLIP's video (CogVideoX-5b); None: the profile draws no video
-    clip_aligner: str = ""     # ThinkDiff-CLIP aligner: save_pretrained folder or official thinkdiff_clip.pth; empty: none shipped
+    vision: str | None = None  # ThinkDiff-CLIP's vision encoder: a BLIP-2 folder or id whose vision tower is read
+                               # (EVA ViT-g, 1408 wide, 224 px)
+    video: str | None = None   # CogVideoXPipeline folder or id for ThinkDiff-CLIP's video (CogVideoX-5b); None: no video
+    clip_aligner: str = ""     # ThinkDiff-CLIP aligner: save_pretrained folder or official thinkdiff_clip.pth; empty: none
     describe_instructions: tuple = tuple(DESCRIBE_INSTRUCTIONS)  # one drawn per training image at feature extraction
     describe_vision_id: bool = False  # "Picture 1: " before the image of a description prompt: the official extraction
                                       # has none; the mini VLM was trained with the label on every picture
     text_width: int = 128  # T5 d_model = the decoder's joint_attention_dim
     kind: str = "mini"     # mini: word-level tokenizers, pixel-space decoder; paper: hub layouts, FluxPipeline
-    image_size: int | None = 32  # side of the VLM's square input images; None: the VLM's processor decides
+    vlm_image_size: int | None = 32  # side of the VLM's square input images; None: the VLM's processor decides
     cobsat_size: int = 32  # side of the images drawn for CoBSAT (the paper: 512)
     demo_size: int = 32    # side of the images drawn for demonstrations (the paper: 1024)
     aligners: dict = field(default_factory=dict, hash=False)  # default aligner per aligner method (methods.ALIGNER_METHODS)
     def __post_init__(self):
-        if self.kind not in KINDS: raise ValueError(f"profile {self.name!r} has unknown kind {self.kind!r}; kinds are {KINDS}")
+        if self.kind not in KINDS:
+            raise ValueError(f"profile {self.name!r} has unknown kind {self.kind!r}; kinds are {KINDS}")
 
-
+# %% ../nbs/01_backbones.ipynb #6324c478
 PROFILES = {
-    "mini": Profile("mini", str(MINI_DIR / "t5"), str(MINI_DIR / "decoder"), str(MINI_DIR / "judge"), str(MINI_DIR / "vlm"),
-                    vision=str(MINI_DIR / "vision"), clip_aligner=str(MINI_DIR / "aligners" / "thinkdiff-clip"),
+    "mini": Profile("mini", str(MINI_DIR / "t5"), str(MINI_DIR / "decoder"), str(MINI_DIR / "judge"),
+                    str(MINI_DIR / "vlm"), vision=str(MINI_DIR / "vision"),
+                    clip_aligner=str(MINI_DIR / "aligners" / THINKDIFF_CLIP),
                     aligners={n: str(MINI_DIR / "aligners" / n) for n in ALIGNER_METHODS}, describe_vision_id=True),
     "paper": Profile("paper", "google/flan-t5-xxl", "black-forest-labs/FLUX.1-dev", vlm="Qwen/Qwen2-VL-7B-Instruct",
                      llava="llava-hf/llava-1.5-13b-hf", clip="openai/clip-vit-base-patch32",
                      vision="Salesforce/blip2-flan-t5-xxl", video="THUDM/CogVideoX-5b",
-                     text_width=4096, kind="paper", image_size=None, cobsat_size=512, demo_size=1024,
+                     text_width=4096, kind="paper", vlm_image_size=None, cobsat_size=512, demo_size=1024,
                      describe_instructions=tuple(OFFICIAL_DESCRIBE_INSTRUCTIONS)),
 }
+
+# %% ../nbs/01_backbones.ipynb #aaf93b43
 # Profiles built into a temporary folder on first use (runtime.built_once), registered by where their builder lives:
 # a module that builds a profile from this one's pieces is loaded on demand, never imported back at import time.
 BUILT_PROFILES = {"tiny-random": "thinkdiff_nb.backbones:tiny_random_profile",
@@ -332,9 +369,11 @@ def get_profile(name: str) -> Profile:
     if name in BUILT_PROFILES:
         module, builder = BUILT_PROFILES[name].split(":")
         return getattr(importlib.import_module(module), builder)()
-    if name not in PROFILES: raise ValueError(f"unknown profile {name!r}; profiles are {sorted(PROFILES) + list(BUILT_PROFILES)}")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; profiles are {sorted(PROFILES) + list(BUILT_PROFILES)}")
     return PROFILES[name]
 
+# %% ../nbs/01_backbones.ipynb #789605a3
 def as_profile(profile: Profile | str) -> Profile:
     "A profile given by itself or by name."
     return get_profile(profile) if isinstance(profile, str) else profile
@@ -352,11 +391,13 @@ def _save_tiny_random(root: Path, seed: int = 0):
     Qwen2VLForConditionalGeneration(mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1, vision_dim=32)).save_pretrained(root / "vlm")
     processor.save_pretrained(root / "vlm")
 
+# %% ../nbs/01_backbones.ipynb #3a2729b4
 @functools.lru_cache(maxsize=None)
 def tiny_random_profile() -> Profile:
     "A profile of tiny random-weight models of the mini classes, written once to a temporary folder."
     root = built_once("thinkdiff_nb_tiny_random.", _save_tiny_random)
-    return Profile("tiny-random", str(root / "t5"), str(root / "decoder"), str(root / "judge"), str(root / "vlm"), text_width=32,
+    return Profile("tiny-random", str(root / "t5"), str(root / "decoder"), str(root / "judge"), str(root / "vlm"),
+                   text_width=32,
                    describe_vision_id=True)
 
 # %% ../nbs/01_backbones.ipynb #433f9073
@@ -365,12 +406,15 @@ def require_weights(path_or_id: str, what: str, profile: Profile):
     p = Path(path_or_id)
     if (p.is_absolute() or path_or_id.startswith(".")) and not (p / "config.json").exists():
         raise FileNotFoundError(f"{what} weights for profile {profile.name!r} are missing: no config.json in {p}"
-                                + (" (run the pretraining pipeline, nbs/01c_pretrain_run.ipynb)" if profile.name == "mini" else ""))
+                                + (" (run the pretraining pipeline, nbs/01c_pretrain_run.ipynb)"
+                                   if profile.name == "mini" else ""))
 
+# %% ../nbs/01_backbones.ipynb #b36a4de9
 def load_decoder(profile: Profile | str, device="cpu", dtype=torch.float32) -> FluxTransformer2DModel:
     "A mini-kind profile's pixel-space FluxTransformer2DModel, frozen; its text width must match the profile's T5."
     profile = as_profile(profile)
-    if profile.kind != "mini": raise ValueError(f"profile {profile.name!r} draws with a FluxPipeline: use load_image_decoder")
+    if profile.kind != "mini": raise ValueError(f"profile {profile.name!r} draws with a FluxPipeline: use "
+                                                "load_image_decoder")
     require_weights(profile.decoder, "decoder", profile)
     dec = FluxTransformer2DModel.from_pretrained(profile.decoder, torch_dtype=dtype)
     if dec.config.joint_attention_dim != profile.text_width:
@@ -378,10 +422,12 @@ def load_decoder(profile: Profile | str, device="cpu", dtype=torch.float32) -> F
                          f"T5 states are {profile.text_width} wide")
     return dec.to(device).eval().requires_grad_(False)
 
+# %% ../nbs/01_backbones.ipynb #b39fe27e
 def load_judge(profile: Profile | str, device="cpu") -> Judge:
     "The profile's judge CNN in eval mode."
     profile = as_profile(profile)
-    if not profile.judge: raise ValueError(f"profile {profile.name!r} has no judge here; CoBSAT judges with LLaVA-1.5-13B")
+    if not profile.judge: raise ValueError(f"profile {profile.name!r} has no judge here; CoBSAT judges with "
+                                           "LLaVA-1.5-13B")
     require_weights(profile.judge, "judge", profile)
     return Judge.from_pretrained(profile.judge).to(device).eval().requires_grad_(False)
 
@@ -391,10 +437,12 @@ class NoEncoder(nn.Module):
     def forward(self, *args, **kwargs):
         raise RuntimeError("this T5 was loaded without its encoder: pass encoder_outputs, or load it with encoder=True")
 
+# %% ../nbs/01_backbones.ipynb #24d81aa3
 T5_EMBEDDING_NAMES = ("shared.weight", "decoder.embed_tokens.weight", "encoder.embed_tokens.weight")  # one tied table
 
 def t5_decoder_only(path_or_id: str, device="cpu", dtype=torch.float32) -> T5ForConditionalGeneration:
-    "A T5ForConditionalGeneration with only its decoder, shared embedding and lm_head read, tensor by tensor, onto `device`."
+    ("A T5ForConditionalGeneration with only its decoder, shared embedding and lm_head read, tensor by tensor, onto "
+     "`device`.")
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     with init_empty_weights(): t5 = T5ForConditionalGeneration(T5Config.from_pretrained(path_or_id))
@@ -402,16 +450,21 @@ def t5_decoder_only(path_or_id: str, device="cpu", dtype=torch.float32) -> T5For
     files = weight_files(path_or_id)
     # the tied table may be stored under any of its names (older conversions keep only the encoder's or decoder's)
     table = next((k for k in T5_EMBEDDING_NAMES if k in files), None)
-    if table is None: raise ValueError(f"{path_or_id} stores no embedding table under any of {list(T5_EMBEDDING_NAMES)}")
-    set_module_tensor_to_device(t5, "shared.weight", device, value=read_tensor(files[table], table, dtype, device), dtype=dtype)
-    for name in [k for k in t5.state_dict() if k in files and k not in T5_EMBEDDING_NAMES]:  # decoder.*, lm_head if untied
+    if table is None: raise ValueError(f"{path_or_id} stores no embedding table under any of "
+                                       f"{list(T5_EMBEDDING_NAMES)}")
+    set_module_tensor_to_device(t5, "shared.weight", device, value=read_tensor(files[table], table, dtype, device),
+                                dtype=dtype)
+    # decoder.*, lm_head if untied
+    for name in [k for k in t5.state_dict() if k in files and k not in T5_EMBEDDING_NAMES]:
         set_module_tensor_to_device(t5, name, device, value=read_tensor(files[name], name, dtype, device), dtype=dtype)
-    t5.decoder.embed_tokens.weight = t5.shared.weight  # the decoder embeds with the shared table, as from_pretrained ties it
+    # the decoder embeds with the shared table, as from_pretrained ties it
+    t5.decoder.embed_tokens.weight = t5.shared.weight
     if "lm_head.weight" not in files: t5.lm_head.weight = t5.shared.weight  # a tied checkpoint stores the table once
     missing = [n for n, p in [*t5.named_parameters(), *t5.named_buffers()] if p.is_meta]
     if missing: raise ValueError(f"{path_or_id} lacks decoder tensors {missing[:4]} ({len(missing)} in all)")
     return t5
 
+# %% ../nbs/01_backbones.ipynb #62b64c09
 def load_t5(profile: Profile | str, device="cpu", dtype=torch.float32, encoder: bool = True):
     "(T5ForConditionalGeneration, tokenizer) of a profile, frozen; `encoder=False` reads the decoder side only."
     profile = as_profile(profile)
@@ -420,9 +473,11 @@ def load_t5(profile: Profile | str, device="cpu", dtype=torch.float32, encoder: 
           else t5_decoder_only(profile.t5, device, dtype)).eval().requires_grad_(False)
     tok = load_t5_tokenizer(profile.t5) if profile.kind == "mini" else AutoTokenizer.from_pretrained(profile.t5)
     if t5.config.d_model != profile.text_width:
-        raise ValueError(f"T5 width {t5.config.d_model} does not match profile {profile.name!r} text width {profile.text_width}")
+        raise ValueError(f"T5 width {t5.config.d_model} does not match profile {profile.name!r} text width "
+                         f"{profile.text_width}")
     if profile.kind == "paper" and (t5.lm_head.weight is t5.shared.weight or t5.config.scale_decoder_outputs):
-        raise ValueError(f"{profile.t5} loaded with lm_head tied to its embedding or rescaled decoder outputs; Flan-T5's "
+        raise ValueError(f"{profile.t5} loaded with lm_head tied to its embedding or rescaled decoder outputs; "
+                         "Flan-T5's "
                          "embeddings are untied: its config.json must say tie_word_embeddings false")
     return t5, tok
 
@@ -434,15 +489,18 @@ def load_vlm_processor(profile: Profile | str) -> ImageOnlyQwen2VLProcessor:
     require_weights(profile.vlm, "VLM", profile)
     return ImageOnlyQwen2VLProcessor.from_pretrained(profile.vlm)
 
+# %% ../nbs/01_backbones.ipynb #aa09cb41
 def vlm_width(profile: Profile | str) -> int:
     "The VLM's hidden width (the aligner's input), read from its config alone."
     profile = as_profile(profile)
     require_weights(profile.vlm, "VLM", profile)
     return Qwen2VLConfig.from_pretrained(profile.vlm).text_config.hidden_size
 
+# %% ../nbs/01_backbones.ipynb #675caab6
 def load_vlm(profile: Profile | str, device="cpu", dtype=torch.float32):
     "(Qwen2VLForConditionalGeneration, processor) of a profile, frozen and in eval mode."
     processor = load_vlm_processor(profile)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(as_profile(profile).vlm, dtype=dtype, device_map=str(device))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(as_profile(profile).vlm, dtype=dtype,
+                                                            device_map=str(device))
     if not hasattr(model.config, "max_images"): model.config.max_images = 8
     return model.eval().requires_grad_(False), processor

@@ -5,6 +5,7 @@
 # %% ../nbs/02g_clip.ipynb #de8333a1
 from __future__ import annotations
 import json, math, os, random, re, shutil
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, transformers
@@ -15,16 +16,16 @@ from .world import AXES, THEMES, atomic_dir
 from .runtime import process_share, process_state, share_of, weight_files
 from .backbones import prepare_image, to_pixels
 from .aligner import Aligner, t5_aligner
-from .loop import fit
+from .loop import Schedule, fit
 from .pretrain import augment
-from .train import label_tokens, t5_decoder_loss, teacher_forced_metrics
+from .train import ALIGNER_SCHEDULE, label_tokens, t5_decoder_loss, teacher_forced_metrics
 
 # %% auto #0
 __all__ = ['IMAGE_MODES', 'CLIP_ALIGNER_BAR', 'VISION_BAR', 'VISION_CLASSES', 'clip_normalise', 'vision_pixels', 'vision_states',
            'pool_vision_tokens', 'vision_tokens', 'blip_caption', 'random_split_string', 'ImageTokens', 'ClipBatches',
-           'clip_states', 'clip_loss', 'clip_loss_fn', 'clip_metrics', 'train_clip_aligner', 'clip_aligner_gain',
-           'ship_folder', 'mini_vision_config', 'axis_labels', 'VisionHeads', 'vision_heads_loss_fn',
-           'vision_heads_metrics', 'train_mini_vision', 'load_vision']
+           'clip_states', 'clip_loss', 'clip_loss_fn', 'clip_metrics', 'ClipTraining', 'train_clip_aligner',
+           'clip_aligner_gain', 'ship_folder', 'mini_vision_config', 'axis_labels', 'VisionHeads',
+           'vision_heads_loss_fn', 'vision_heads_metrics', 'train_mini_vision', 'load_vision']
 
 # %% ../nbs/02g_clip.ipynb #fdeb9e8c
 def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -32,20 +33,25 @@ def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return ((pixels + 1) / 2 - mean.to(pixels)) / std.to(pixels)
 
+# %% ../nbs/02g_clip.ipynb #7a7fe95f
 def vision_pixels(images, size: int) -> torch.Tensor:
     "RGB images (uint8 arrays or PIL, any sizes) -> (B, 3, size, size): squashed to the square side, CLIP-normalised."
     return clip_normalise(to_pixels(np.stack([np.asarray(prepare_image(i, size, crop=False)) for i in images])))
 
+# %% ../nbs/02g_clip.ipynb #3a66f66e
 def vision_states(vision_model, pixel_values: torch.Tensor) -> torch.Tensor:
-    "The encoder's last hidden state after its post-layernorm (B, 1 + N, d), for CLIPVisionModel and Blip2VisionModel alike."
+    ("The encoder's last hidden state after its post-layernorm (B, 1 + N, d), for CLIPVisionModel and Blip2VisionModel "
+     "alike.")
     p = next(vision_model.parameters())
     states = vision_model(pixel_values=pixel_values.to(p.device, p.dtype)).last_hidden_state  # (B, 1 + N, d)
     if vision_model.config.model_type == "clip_vision_model":  # CLIP normalises only its pooled CLS; BLIP-2 every token
         states = vision_model.post_layernorm(states)
     return states
 
+# %% ../nbs/02g_clip.ipynb #1fbf0cd9
 def pool_vision_tokens(states: torch.Tensor, downsample: int = 2) -> torch.Tensor:
-    "[CLS, the patch grid pooled bilinearly by `downsample`] (B, 1 + (g/f)^2, d) of states (B, 1 + g*g, d); 1 keeps all."
+    ("[CLS, the patch grid pooled bilinearly by `downsample`] (B, 1 + (g/f)^2, d) of states (B, 1 + g*g, d); 1 keeps "
+     "all.")
     if downsample == 1: return states
     b, n, d = states.shape
     cls, patches = states[:, :1], states[:, 1:]  # (B, 1, d), (B, g*g, d)
@@ -56,17 +62,21 @@ def pool_vision_tokens(states: torch.Tensor, downsample: int = 2) -> torch.Tenso
     pooled = F.interpolate(grid, size=(g // downsample, g // downsample), mode="bilinear", align_corners=False)
     return torch.cat([cls, pooled.permute(0, 2, 3, 1).reshape(b, -1, d)], 1)  # (B, 1 + (g/f)^2, d)
 
+# %% ../nbs/02g_clip.ipynb #191d286a
 @torch.no_grad()
 def vision_tokens(vision_model, images, downsample: int = 2) -> torch.Tensor:
     "ThinkDiff-CLIP's image tokens (B, 1 + (g/f)^2, d) of RGB images, from the frozen encoder."
-    return pool_vision_tokens(vision_states(vision_model, vision_pixels(images, vision_model.config.image_size)), downsample)
+    return pool_vision_tokens(vision_states(vision_model, vision_pixels(images, vision_model.config.image_size)),
+                              downsample)
 
 # %% ../nbs/02g_clip.ipynb #993bd559
 def blip_caption(text: str, max_words: int = 50) -> str:
-    "A caption as LAVIS's blip_caption processor cleans it: lower case, .!\"()*#:;~ to spaces, spaces collapsed, <= max_words."
+    ("A caption as LAVIS's blip_caption processor cleans it: lower case, .!\"()*#:;~ to spaces, spaces collapsed, <= "
+     "max_words.")
     text = re.sub(r"\s{2,}", " ", re.sub(r"[.!\"()*#:;~]", " ", text.lower())).rstrip("\n").strip(" ")
     return " ".join(text.split(" ")[:max_words])
 
+# %% ../nbs/02g_clip.ipynb #0c37a9ae
 def random_split_string(text: str, rng: random.Random) -> tuple[str, str]:
     "(prefix, suffix) of a caption cut on spaces at a uniform word index in [1, n - 1]; one word: ('', text)."
     words = text.split(" ")
@@ -77,7 +87,8 @@ def random_split_string(text: str, rng: random.Random) -> tuple[str, str]:
 # %% ../nbs/02g_clip.ipynb #705d83cf
 class ImageTokens:
     "A source's pooled vision tokens (L, d) and raw captions, from the frozen encoder, kept after their first use."
-    def __init__(self, vision_model, source,  # source: `data.open_image_captions`'s, `source[i]` -> {"pixels", "caption", ...}
+    def __init__(self, vision_model,
+                 source,  # source: `data.open_image_captions`'s, `source[i]` -> {"pixels", "caption", ...}
                  downsample: int = 2,          # the paper's vision_downsample_factor
                  batch_size: int = 64,         # images per encoder call
                  max_images: int = 0,          # the first max_images samples only; 0: all
@@ -104,12 +115,14 @@ class ImageTokens:
     def fill(self) -> "ImageTokens":
         "Compute and keep every image's tokens now."
         missing = [i for i in range(self.n) if i not in self._kept]
-        for k in tqdm(range(0, len(missing), self.bs), desc="vision tokens"): self._kept.update(self._encode(missing[k:k + self.bs]))
+        for k in tqdm(range(0, len(missing), self.bs), desc="vision tokens"):
+            self._kept.update(self._encode(missing[k:k + self.bs]))
         return self
 
 # %% ../nbs/02g_clip.ipynb #440fe0aa
 class ClipBatches:
-    "Random global batches of ThinkDiff-CLIP: image tokens, the caption's T5-tokenised prefix and suffix labels; this process's share."
+    ("Random global batches of ThinkDiff-CLIP: image tokens, the caption's T5-tokenised prefix and suffix labels; this "
+     "process's share.")
     def __init__(self, images: ImageTokens, t5_tokenizer, batch_size: int = 32,
                  max_txt_len: int = 32,  # T5 tokens of the prefix and of the suffix (the paper's max_txt_len)
                  share: tuple[int, int] | None = None):  # (rank, processes); None: this process's under accelerate
@@ -119,7 +132,8 @@ class ClipBatches:
     def _tokenise(self, texts: list[str]):
         return self.tok(texts, padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt")
     def __call__(self, g: torch.Generator):
-        "(image tokens (b, L, d), prefix ids (b, P), prefix mask (b, P), labels (b, T), this share's weight in the global token mean)."
+        ("(image tokens (b, L, d), prefix ids (b, P), prefix mask (b, P), labels (b, T), this share's weight in the "
+         "global token mean).")
         idx = torch.randint(len(self.images), (self.bs,), generator=g).tolist()
         rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))
         mine = share_of(self.bs, self.share)
@@ -135,29 +149,36 @@ class ClipBatches:
 IMAGE_MODES = ("own", "none", "shuffled")
 
 def clip_states(aligner, t5, batch, image: str = "own") -> tuple[torch.Tensor, torch.Tensor]:
-    "The T5 decoder's cross-attention input [aligned image tokens ; T5-encoded prefix] (B, L + P, d_t5) and its mask (B, L + P)."
+    ("The T5 decoder's cross-attention input [aligned image tokens ; T5-encoded prefix] (B, L + P, d_t5) and its mask "
+     "(B, L + P).")
     if image not in IMAGE_MODES: raise ValueError(f"unknown image mode {image!r}; choose one of {IMAGE_MODES}")
     tokens, ids, mask, _, _ = batch
     device = next(t5.parameters()).device
-    with torch.no_grad(): prefix = t5.get_encoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (B, P, d_t5)
+    with torch.no_grad():
+        # (B, P, d_t5)
+        prefix = t5.get_encoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     if image == "none": return prefix, mask.to(device)
     if image == "shuffled": tokens = tokens.roll(1, 0)  # each caption with the previous sample's image
     aligned = aligner(tokens.to(next(aligner.parameters()).device)).to(prefix.dtype)  # (B, L, d_t5)
     ones = torch.ones(aligned.shape[:2], dtype=mask.dtype, device=device)
     return torch.cat([aligned.to(device), prefix], 1), torch.cat([ones, mask.to(device)], 1)
 
+# %% ../nbs/02g_clip.ipynb #9b5a94db
 def clip_loss(aligner, t5, batch, image: str = "own") -> torch.Tensor:
     "The frozen T5 decoder's loss on the suffix, weighted as this process's share of the global batch."
     states, mask = clip_states(aligner, t5, batch, image)
     return t5_decoder_loss(t5, states, mask, batch[3].to(states.device)) * batch[4]  # cross-entropy in float32
 
+# %% ../nbs/02g_clip.ipynb #cfb0d1b7
 def clip_loss_fn(t5, batches: ClipBatches):
     "A `fit` loss over random batches."
     return lambda aligner, g: clip_loss(aligner, t5, batches(g))
 
+# %% ../nbs/02g_clip.ipynb #26950548
 @torch.no_grad()
 def clip_metrics(aligner, t5, batches: ClipBatches, n_batches: int = 10, seed: int = 1234, image: str = "own") -> dict:
-    "Held-out suffix loss and teacher-forced token accuracy on fixed seeded batches, reading the image tokens as `image` says."
+    ("Held-out suffix loss and teacher-forced token accuracy on fixed seeded batches, reading the image tokens as "
+     "`image` says.")
     aligner.eval()
     def inputs(g):
         batch = batches(g)
@@ -165,34 +186,47 @@ def clip_metrics(aligner, t5, batches: ClipBatches, n_batches: int = 10, seed: i
     return teacher_forced_metrics(t5, inputs, n_batches, seed)
 
 # %% ../nbs/02g_clip.ipynb #84e6c6b6
-def train_clip_aligner(train: ImageTokens, val: ImageTokens, t5, t5_tokenizer, t5_source: str, out_dir,
-                       norm: str = "t5", steps: int = 1000,
-                       batch_size: int = 32,  # the global batch, split evenly over accelerate's processes
-                       lr: float = 1e-3, min_lr: float = 0.0, warmup: int = 100, weight_decay: float = 0.05,
-                       max_txt_len: int = 32, ckpt_every: int = 250, eval_batches: int = 10, seed: int = 0,
-                       grad_clip: float = 0.0,   # max gradient norm; 0: off, as the official run
-                       t5_dropout: bool = True,  # the frozen T5 (prefix encoder and decoder) in train mode, as the official runner
+@dataclass(frozen=True)
+class ClipTraining:
+    "How `train_clip_aligner` trains: the norm, its batches, the held-out metrics, and the optimisation schedule."
+    norm: str = "t5"          # one of NORM_VARIANTS (the paper: t5, the weight copied from T5's final encoder norm)
+    batch_size: int = 32      # the global batch in images, split over accelerate's processes (official: 42 per GPU)
+    max_txt_len: int = 32     # T5 tokens of a caption's prefix and of its suffix
+    eval_batches: int = 10    # held-out batches of the continuation metrics, per image mode
+    t5_dropout: bool = True   # the frozen T5 (prefix encoder, decoder) in train mode, dropout on (the official runner)
+    schedule: Schedule = ALIGNER_SCHEDULE  # steps, rates, decay, clipping, checkpoints, seed (train_clip_paper.yaml)
+
+# %% ../nbs/02g_clip.ipynb #4b88b706
+def train_clip_aligner(train: ImageTokens, val: ImageTokens,  # image tokens and captions: training, held out
+                       t5, t5_tokenizer,    # the frozen T5: its encoder reads the prefix, its decoder the rest
+                       t5_source: str,      # T5's checkpoint: its final encoder norm initialises the aligner's
+                       out_dir,             # gets checkpoint.pt, loss.csv and the trained aligner/
+                       config: ClipTraining | None = None,  # None: ClipTraining()
                        ) -> tuple[Aligner, list[float], dict]:
     "Train a ThinkDiff-CLIP aligner; returns it, its per-step losses and held-out metrics per image mode."
-    out_dir, aligner = Path(out_dir), t5_aligner(train.width, t5, t5_source, norm, seed)
-    t5.train(t5_dropout)
-    try: run = fit(aligner, clip_loss_fn(t5, ClipBatches(train, t5_tokenizer, batch_size, max_txt_len)), steps,
-                   out_dir / "checkpoint.pt", lr=lr, warmup=warmup, weight_decay=weight_decay, ckpt_every=ckpt_every,
-                   seed=seed, clip=grad_clip or None, desc="ThinkDiff-CLIP aligner", log_csv=out_dir / "loss.csv",
-                   min_lr=min_lr)
+    out_dir, config = Path(out_dir), config or ClipTraining()
+    seed = config.schedule.seed  # the aligner's initialisation, the batches' generator; seed + 1 the held-out batches'
+    aligner = t5_aligner(train.width, t5, t5_source, config.norm, seed)
+    batches = ClipBatches(train, t5_tokenizer, config.batch_size, config.max_txt_len)
+    t5.train(config.t5_dropout)
+    try: run = fit(aligner, clip_loss_fn(t5, batches), config.schedule, out_dir / "checkpoint.pt",
+                   desc="ThinkDiff-CLIP aligner", log_csv=out_dir / "loss.csv")
     finally: t5.eval()
     aligner.save_pretrained(out_dir / "aligner", is_main_process=process_state().is_main_process)
-    held_out = ClipBatches(val, t5_tokenizer, batch_size, max_txt_len, share=(0, 1))
-    return aligner, run.losses, {m: clip_metrics(aligner, t5, held_out, eval_batches, seed=seed + 1, image=m) for m in IMAGE_MODES}
+    held_out = ClipBatches(val, t5_tokenizer, config.batch_size, config.max_txt_len, share=(0, 1))
+    return aligner, run.losses, {m: clip_metrics(aligner, t5, held_out, config.eval_batches, seed=seed + 1, image=m)
+                                 for m in IMAGE_MODES}
 
 # %% ../nbs/02g_clip.ipynb #9aa5493f
-CLIP_ALIGNER_BAR = 0.1  # held-out token accuracy the image's own tokens must add over the prefix alone and over another image's
+# held-out token accuracy the image's own tokens must add over the prefix alone and over another image's
+CLIP_ALIGNER_BAR = 0.1
 
 def clip_aligner_gain(heldout: dict) -> float:
     "The smaller of own - none and own - shuffled held-out token accuracy (`train_clip_aligner`'s metrics)."
     own = heldout["own"]["token_accuracy"]
     return min(own - heldout[m]["token_accuracy"] for m in ("none", "shuffled"))
 
+# %% ../nbs/02g_clip.ipynb #dae1854c
 def ship_folder(source: str | Path, target: str | Path) -> Path:
     "Copy folder `source` to `target` (replacing it) through a staging sibling and one rename."
     source, target = Path(source), Path(target)
@@ -208,9 +242,11 @@ VISION_BAR = 0.9  # held-out subject and attribute accuracy a mini vision encode
 
 def mini_vision_config(image_size: int = 32, patch_size: int = 4, hidden: int = 64, layers: int = 2, heads: int = 4) -> CLIPVisionConfig:
     "A small CLIPVisionModel config: (image_size / patch_size)^2 patches plus CLS."
-    return CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden, intermediate_size=2 * hidden,
+    return CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+                            intermediate_size=2 * hidden,
                             num_hidden_layers=layers, num_attention_heads=heads, projection_dim=hidden)
 
+# %% ../nbs/02g_clip.ipynb #ee980a29
 def axis_labels(rows: list[dict]) -> dict[str, torch.Tensor]:
     "Per world axis: (N,) value indices of MiniCoBSAT rows, -100 where the row's theme does not ask that axis."
     labels = {a: torch.full((len(rows),), -100) for a in AXES}
@@ -219,6 +255,7 @@ def axis_labels(rows: list[dict]) -> dict[str, torch.Tensor]:
         labels[t.subject_axis][i], labels[t.attribute_axis][i] = t.subjects.index(r["subject"]), t.attributes.index(r["attribute"])
     return labels
 
+# %% ../nbs/02g_clip.ipynb #ecb81018
 class VisionHeads(nn.Module):
     "A vision encoder with temporary 10-way heads per world axis on its pooled tokens, concatenated."
     def __init__(self, vision: CLIPVisionModel, downsample: int = 2):
@@ -229,9 +266,11 @@ class VisionHeads(nn.Module):
         self.heads = nn.ModuleDict({a: nn.Linear(width, 10) for a in AXES})
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         "Logits per axis (B, 10) of CLIP-normalised images (B, 3, H, W)."
-        tokens = pool_vision_tokens(vision_states(self.vision, pixel_values), self.downsample)  # (B, L, d): what the aligner reads
+        # (B, L, d): what the aligner reads
+        tokens = pool_vision_tokens(vision_states(self.vision, pixel_values), self.downsample)
         return {a: h(tokens.flatten(1)) for a, h in self.heads.items()}
 
+# %% ../nbs/02g_clip.ipynb #d2d1bdbe
 def vision_heads_loss_fn(images: np.ndarray, rows: list[dict], batch_size: int = 128):
     "A `fit` loss: cross-entropy of the asked heads on an augmented random batch of renders (N, H, W, 3) uint8."
     pixels, labels = to_pixels(images), axis_labels(rows)  # (N, 3, H, W) in [-1, 1]
@@ -242,6 +281,7 @@ def vision_heads_loss_fn(images: np.ndarray, rows: list[dict], batch_size: int =
                    for a in AXES if (labels[a][idx] != -100).any())
     return loss
 
+# %% ../nbs/02g_clip.ipynb #4a26d0f4
 @torch.no_grad()
 def vision_heads_metrics(model: VisionHeads, images: np.ndarray, rows: list[dict], batch_size: int = 512) -> dict:
     "Held-out accuracy of the heads: subject, attribute and both, overall and per theme."
@@ -264,17 +304,20 @@ def train_mini_vision(train: tuple[np.ndarray, list[dict]], val: tuple[np.ndarra
                       out_dir, config: CLIPVisionConfig | None = None, steps: int = 1500, batch_size: int = 64,
                       lr: float = 2e-3, warmup: int = 100, ckpt_every: int = 250, seed: int = 0,
                       downsample: int = 2) -> tuple[CLIPVisionModel, list[float], dict]:  # the pooling the aligner will read
-    "Train a mini CLIPVisionModel through per-axis heads, resumably; save it (heads dropped) to `out_dir/vision` with metrics.json."
+    ("Train a mini CLIPVisionModel through per-axis heads, resumably; save it (heads dropped) to `out_dir/vision` with "
+     "metrics.json.")
     out_dir, config = Path(out_dir), config or mini_vision_config()
     images, rows = train
     if images.shape[1:3] != (config.image_size, config.image_size):
-        raise ValueError(f"renders are {images.shape[1]}x{images.shape[2]} but the encoder reads {config.image_size} px")
+        raise ValueError(f"renders are {images.shape[1]}x{images.shape[2]} but the encoder reads {config.image_size} "
+                         "px")
     torch.manual_seed(seed)
     model = VisionHeads(CLIPVisionModel(config), downsample)
-    run = fit(model, vision_heads_loss_fn(images, rows, batch_size), steps, out_dir / "vision_checkpoint.pt", lr=lr,
-              warmup=warmup, weight_decay=0.05, ckpt_every=ckpt_every, seed=seed, desc="mini vision encoder",
-              log_csv=out_dir / "vision_loss.csv")
-    metrics = {"heldout": vision_heads_metrics(model, *val), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+    schedule = Schedule(steps=steps, lr=lr, warmup=warmup, weight_decay=0.05, ckpt_every=ckpt_every, seed=seed)
+    run = fit(model, vision_heads_loss_fn(images, rows, batch_size), schedule, out_dir / "vision_checkpoint.pt",
+              desc="mini vision encoder", log_csv=out_dir / "vision_loss.csv")  # clipped at 1, fit's default
+    metrics = {"heldout": vision_heads_metrics(model, *val), "steps": steps, "batch_size": batch_size, "lr": lr,
+               "seed": seed,
                "downsample": downsample, "train_images": len(rows),
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                "train_minutes": run.seconds / 60, "final_train_loss": float(np.mean(run.losses[-20:])),
@@ -288,15 +331,20 @@ def train_mini_vision(train: tuple[np.ndarray, list[dict]], val: tuple[np.ndarra
 VISION_CLASSES = {"clip_vision_model": CLIPVisionModel, "blip_2_vision_model": Blip2VisionModel}
 
 def load_vision(path_or_id: str | Path, device="cpu", dtype=torch.float32):
-    "A frozen vision encoder: a CLIPVisionModel or Blip2VisionModel folder, or the vision tower of a whole BLIP-2 checkpoint."
+    ("A frozen vision encoder: a CLIPVisionModel or Blip2VisionModel folder, or the vision tower of a whole BLIP-2 "
+     "checkpoint.")
     path_or_id = str(path_or_id)
     if Path(path_or_id).is_absolute() and not (Path(path_or_id) / "config.json").exists():
-        raise FileNotFoundError(f"no vision encoder at {path_or_id}: no config.json (train one with nbs/10_train_clip.ipynb)")
+        raise FileNotFoundError(f"no vision encoder at {path_or_id}: no config.json (train one with "
+                                "nbs/10_train_clip.ipynb)")
     config = AutoConfig.from_pretrained(path_or_id)
     if config.model_type == "blip-2":  # the tower's tensors sit under vision_model.; the Q-Former and T5 are never read
         files = weight_files(path_or_id)
-        if not any(k.startswith("vision_model.") for k in files): raise ValueError(f"{path_or_id} holds no vision_model.* tensors")
-        model = Blip2VisionModel.from_pretrained(path_or_id, key_mapping={r"^vision_model\.": ""}, dtype=dtype).to(device)
-    elif config.model_type in VISION_CLASSES: model = VISION_CLASSES[config.model_type].from_pretrained(path_or_id, dtype=dtype).to(device)
+        if not any(k.startswith("vision_model.") for k in files): raise ValueError(f"{path_or_id} holds no "
+                                                                                   "vision_model.* tensors")
+        model = Blip2VisionModel.from_pretrained(path_or_id, key_mapping={r"^vision_model\.": ""},
+                                                 dtype=dtype).to(device)
+    elif config.model_type in VISION_CLASSES: model = VISION_CLASSES[config.model_type].from_pretrained(path_or_id,
+                                                                                                        dtype=dtype).to(device)
     else: raise ValueError(f"{path_or_id} is a {config.model_type!r} model, not one of {[*VISION_CLASSES, 'blip-2']}")
     return model.eval().requires_grad_(False)

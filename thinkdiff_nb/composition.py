@@ -42,7 +42,8 @@ def check_image_tokens(tokens: torch.Tensor,  # aligned tokens of one image per 
                        width: int,  # the T5 width the decoder reads
                       ) -> torch.Tensor:
     "`tokens` unchanged when they are (B, n, `width`); otherwise a ValueError naming the shape."
-    if tokens.ndim != 3: raise ValueError(f"image tokens must be (batch, tokens, width), got shape {tuple(tokens.shape)}")
+    if tokens.ndim != 3: raise ValueError("image tokens must be (batch, tokens, width), got shape "
+                                          f"{tuple(tokens.shape)}")
     if tokens.shape[-1] != width:
         raise ValueError(f"image tokens are {tokens.shape[-1]} wide but the decoder reads {width}-wide T5 states")
     return tokens
@@ -72,15 +73,20 @@ def flux_conditioning(decoder: FluxDecoder,
     texts = [""] * rows if texts is None else list(texts)
     for tokens in images:
         check_image_tokens(tokens, decoder.width)
-        if len(tokens) != rows: raise ValueError(f"images have {len(tokens)} and {rows} rows; give each image one row per prompt")
+        if len(tokens) != rows: raise ValueError(f"images have {len(tokens)} and {rows} rows; give each image one row "
+                                                 "per prompt")
     if len(texts) != rows: raise ValueError(f"{len(texts)} texts for {rows} rows of image tokens")
-    text, pooled = decoder.encode_prompt(texts)  # (B, L, d_text): L = 128 with pad states kept; (B, d_pool): CLIP-L of the texts
+    # (B, L, d_text): L = 128 with pad states kept; (B, d_pool): CLIP-L of the texts
+    text, pooled = decoder.encode_prompt(texts)
     return torch.cat([t.to(text) for t in images] + [text], 1), pooled
 
-def image_text_conditioning(decoder: FluxDecoder, image: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+# %% ../nbs/02h_composition.ipynb #2da36d53
+def image_text_conditioning(decoder: FluxDecoder, image: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
     "One image and a text (thinkdiff.md 6.5): [image 65 ; T5(text) 128] = 193 tokens, pooled CLIP of the text."
     return flux_conditioning(decoder, [image], texts)
 
+# %% ../nbs/02h_composition.ipynb #b9f4da53
 def images_conditioning(decoder: FluxDecoder, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     "Two or more images (thinkdiff.md 6.6): [image 1 65 ; image 2 65 ; T5('') 128] = 258 tokens, pooled CLIP of ''."
     return flux_conditioning(decoder, images)
@@ -94,14 +100,17 @@ def load_video_pipeline(profile: Profile | str, device="cpu", dtype=torch.float3
     if not profile.video: raise ValueError(f"profile {profile.name!r} names no video pipeline")
     local = Path(profile.video)
     if (local.is_absolute() or profile.video.startswith(".")) and not (local / "model_index.json").exists():
-        raise FileNotFoundError(f"video pipeline for profile {profile.name!r} is missing: no model_index.json in {local}")
+        raise FileNotFoundError(f"video pipeline for profile {profile.name!r} is missing: no model_index.json in "
+                                f"{local}")
     pipe = CogVideoXPipeline.from_pretrained(profile.video, dtype=dtype)
     if pipe.transformer.config.text_embed_dim != profile.text_width:
         raise ValueError(f"{profile.video} reads {pipe.transformer.config.text_embed_dim}-wide prompt embeds but "
                          f"profile {profile.name!r} aligns to {profile.text_width}")
     for model in (pipe.transformer, pipe.vae, pipe.text_encoder): model.eval().requires_grad_(False)
-    # 49 frames of 480x720 decoded whole take about 18 GB of activations, in 240x360 tiles about 4.5 (diffusers' estimate).
-    # The tiles are CogVideoX-5b's own (half its 480x720, where the blends stitch exactly), named because a VAE config of
+    # 49 frames of 480x720 decoded whole take about 18 GB of activations, in 240x360 tiles about 4.5 (diffusers'
+    # estimate).
+    # The tiles are CogVideoX-5b's own (half its 480x720, where the blends stitch exactly), named because a VAE config
+    # of
     # other sample sizes (tiny-paper's 32 px) would give tiles too small to stitch back to the video's size
     pipe.vae.enable_tiling(tile_sample_min_height=240, tile_sample_min_width=360)
     pipe.vae.enable_slicing()  # a batch of videos decoded one at a time
@@ -110,6 +119,7 @@ def load_video_pipeline(profile: Profile | str, device="cpu", dtype=torch.float3
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
+# %% ../nbs/02h_composition.ipynb #459f2712
 @torch.no_grad()
 def video_conditioning(pipe: CogVideoXPipeline,
                        image: torch.Tensor,  # aligned tokens of one image per row, (B, n, d_text) (the paper: n = 65)
@@ -122,22 +132,30 @@ def video_conditioning(pipe: CogVideoXPipeline,
     if n >= length: raise ValueError(f"{n} image tokens leave no room for text in CogVideoX's {length} positions")
     if len(texts) != len(image): raise ValueError(f"{len(texts)} texts for {len(image)} rows of image tokens")
     device = pipe._execution_device
-    text, _ = pipe.encode_prompt(list(texts), do_classifier_free_guidance=False, max_sequence_length=length - n, device=device)  # (B, L - n, d)
-    negative, _ = pipe.encode_prompt([""] * len(texts), do_classifier_free_guidance=False, max_sequence_length=length, device=device)  # (B, L, d)
+    text, _ = pipe.encode_prompt(list(texts), do_classifier_free_guidance=False, max_sequence_length=length
+                                 - n, device=device)  # (B, L - n, d)
+    negative, _ = pipe.encode_prompt([""] * len(texts), do_classifier_free_guidance=False, max_sequence_length=length,
+                                     device=device)  # (B, L, d)
     return torch.cat([image.to(text), text], 1), negative
 
 # %% ../nbs/02h_composition.ipynb #00000014
 def check_video_shape(pipe: CogVideoXPipeline, frames: int, height: int, width: int):
     "A ValueError unless the pipeline can draw `frames` frames of `height` x `width` (0: its default)."
-    step = pipe.vae_scale_factor_temporal * pipe.vae.num_latent_frames_batch_size  # 4 x 2: latent frames decode two at a time
-    if frames and (frames - 1) % step: raise ValueError(f"CogVideoX draws {step}k + 1 frames (such as {6 * step + 1}), not {frames}")
+    # 4 x 2: latent frames decode two at a time
+    step = pipe.vae_scale_factor_temporal * pipe.vae.num_latent_frames_batch_size
+    if frames and (frames - 1) % step: raise ValueError(f"CogVideoX draws {step}k + 1 frames (such as "
+                                                        f"{6 * step + 1}), not {frames}")
     side = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size
     for name, size in (("height", height), ("width", width)):
-        if size % side: raise ValueError(f"video {name} {size} is not a multiple of {side} (the VAE's factor times the patch)")
+        if size % side: raise ValueError(f"video {name} {size} is not a multiple of {side} (the VAE's factor times "
+                                         "the patch)")
 
+# %% ../nbs/02h_composition.ipynb #63ffc165
 @torch.no_grad()
-def draw_video(pipe: CogVideoXPipeline, embeds: torch.Tensor, negative: torch.Tensor,  # (B, L, d_text) each, see video_conditioning
-               frames: int = 0, height: int = 0, width: int = 0,  # 0: the pipeline's defaults (the 5b: 49 frames, 480 x 720)
+def draw_video(pipe: CogVideoXPipeline, embeds: torch.Tensor,
+               negative: torch.Tensor,  # (B, L, d_text) each, see video_conditioning
+               frames: int = 0, height: int = 0,
+               width: int = 0,  # 0: the pipeline's defaults (the 5b: 49 frames, 480 x 720)
                steps: int = 50, guidance: float = 6.0, seed: int = 0,  # the official script's steps and guidance
               ) -> np.ndarray:  # float videos (B, frames, height, width, 3) in [0, 1]
     "Videos drawn by CogVideoX from prompt embeds, with real classifier-free guidance against `negative`."
@@ -148,6 +166,7 @@ def draw_video(pipe: CogVideoXPipeline, embeds: torch.Tensor, negative: torch.Te
                 num_frames=frames or None, height=height or None, width=width or None, num_inference_steps=steps,
                 guidance_scale=guidance, generator=generators, output_type="np").frames
 
+# %% ../nbs/02h_composition.ipynb #5ebddf69
 def write_video(frames: np.ndarray,  # one video, float (F, H, W, 3) in [0, 1]
                 path: str | Path, fps: int = 8) -> Path:
     "One video written as an mp4 file by diffusers' `export_to_video`, through a temporary file and one rename."
@@ -157,6 +176,7 @@ def write_video(frames: np.ndarray,  # one video, float (F, H, W, 3) in [0, 1]
     os.replace(tmp, path)
     return path
 
+# %% ../nbs/02h_composition.ipynb #913b23b5
 def read_video(path: str | Path) -> np.ndarray:
     "A video file's frames, uint8 (F, H, W, 3), read with imageio's ffmpeg."
     import imageio.v2 as imageio
@@ -170,7 +190,8 @@ def image_text_video(pipe: CogVideoXPipeline,
                      text: str, path: str | Path,  # the prompt, and the mp4 file to write
                      frames: int = 0, height: int = 0, width: int = 0, steps: int = 50, guidance: float = 6.0,
                      seed: int = 0, fps: int = 8) -> Path:
-    "ThinkDiff-CLIP's video (thinkdiff.md 6.7): an image's aligned tokens and a text through CogVideoX, written to `path`."
+    ("ThinkDiff-CLIP's video (thinkdiff.md 6.7): an image's aligned tokens and a text through CogVideoX, written to "
+     "`path`.")
     if len(image) != 1: raise ValueError(f"one video per call: give one image's tokens, not {len(image)} rows")
     embeds, negative = video_conditioning(pipe, image, [text])
     video = draw_video(pipe, embeds, negative, frames, height, width, steps, guidance, seed)[0]  # (F, H, W, 3)

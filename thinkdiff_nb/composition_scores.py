@@ -16,11 +16,12 @@ from .image_decoders import ImageDecoder
 from .clip import vision_tokens
 from .composition import flux_conditioning
 from .cobsat import judged, write_csv
+from .methods import CONDITIONINGS, IMAGE_CAPTIONS, ORACLE, TEXT_ONLY, THINKDIFF_CLIP
 
 # %% auto #0
-__all__ = ['COMPOSITION_KINDS', 'CONDITIONINGS', 'axis_text', 'CompositionProbe', 'composition_probes', 'caption_states',
-           'aligned_images', 'probe_conditioning', 'check_clip_aligner', 'score_block', 'block_path', 'same_settings',
-           'evaluate_compositions', 'composition_table', 'composition_grid']
+__all__ = ['COMPOSITION_KINDS', 'axis_text', 'CompositionProbe', 'composition_probes', 'caption_states', 'aligned_images',
+           'probe_image_tokens', 'probe_conditioning', 'check_clip_aligner', 'score_block', 'block_path',
+           'same_settings', 'evaluate_compositions', 'composition_table', 'composition_grid']
 
 # %% ../nbs/02i_composition_scores.ipynb #05000000
 COMPOSITION_KINDS = ("image+text", "two-images", "two-images+text")
@@ -54,14 +55,17 @@ class CompositionProbe:
         "The axes the images donate."
         return ("subject", "attribute") if not self.text_axis else ({"subject": "attribute", "attribute": "subject"}[self.text_axis],)
 
+# %% ../nbs/02i_composition_scores.ipynb #5068f907
 def _others(values: list[str], keep: str, n: int, rng: random.Random) -> list[str]:
     return rng.sample([v for v in values if v != keep], n)
 
+# %% ../nbs/02i_composition_scores.ipynb #489f91d8
 def _probe(kind: str, index: int, rng: random.Random, seed: int) -> CompositionProbe:
     theme = list(THEMES.values())[index % len(THEMES)]
     text_axis = "" if kind == "two-images" else ("attribute", "subject")[(index // len(THEMES)) % 2]
     s, a = rng.choice(theme.subjects), rng.choice(theme.attributes)
-    if kind == "two-images": pairs = [(s, _others(theme.attributes, a, 1, rng)[0]), (_others(theme.subjects, s, 1, rng)[0], a)]
+    if kind == "two-images": pairs = [(s, _others(theme.attributes, a, 1, rng)[0]),
+                                      (_others(theme.subjects, s, 1, rng)[0], a)]
     else:
         n = 1 if kind == "image+text" else 2
         pairs = ([(s, x) for x in _others(theme.attributes, a, n, rng)] if text_axis == "attribute"
@@ -71,41 +75,53 @@ def _probe(kind: str, index: int, rng: random.Random, seed: int) -> CompositionP
     renders = tuple((ps, pa, seed * 1_000_003 + index * 10 + k) for k, (ps, pa) in enumerate(pairs))
     return CompositionProbe(kind, theme.name, index, renders, text, text_axis, (s, a))
 
+# %% ../nbs/02i_composition_scores.ipynb #7250f48b
 def composition_probes(kind: str, n: int = 200, seed: int = 0) -> list[CompositionProbe]:
     "`n` probes of one composition kind, cycling through themes and text directions, reproducible from `seed`."
-    if kind not in COMPOSITION_KINDS: raise ValueError(f"unknown composition kind {kind!r}; kinds are {COMPOSITION_KINDS}")
+    if kind not in COMPOSITION_KINDS: raise ValueError(f"unknown composition kind {kind!r}; kinds are "
+                                                       f"{COMPOSITION_KINDS}")
     rng = random.Random(f"{kind}/{seed}")
     return [_probe(kind, i, rng, seed) for i in range(n)]
 
 # %% ../nbs/02i_composition_scores.ipynb #11000000
-CONDITIONINGS = ("thinkdiff-clip", "image-captions", "text-only", "oracle")
-
 def caption_states(decoder: ImageDecoder, probes: list[CompositionProbe], k: int) -> torch.Tensor:
     "The decoder's T5 states (B, L, d) of the true caption of each probe's k-th render."
     return decoder.encode_prompt([oracle_prompt(p.theme, *p.renders[k][:2]) for p in probes])[0]
 
+# %% ../nbs/02i_composition_scores.ipynb #4c90769e
 @torch.no_grad()
-def aligned_images(vision, aligner, probes: list[CompositionProbe], k: int, size: int = 32, downsample: int = 2) -> torch.Tensor:
+def aligned_images(vision, aligner, probes: list[CompositionProbe], k: int,
+                   render_size: int = 32,  # side of the input renders (the vision encoder resizes them to its own)
+                   downsample: int = 2) -> torch.Tensor:
     "ThinkDiff-CLIP's aligned tokens (B, n, d_text) of each probe's k-th render."
-    tokens = vision_tokens(vision, [p.image(k, size) for p in probes], downsample)  # (B, n, d_vision)
+    tokens = vision_tokens(vision, [p.image(k, render_size) for p in probes], downsample)  # (B, n, d_vision)
     p = next(aligner.parameters())
     return aligner(tokens.to(p.device, p.dtype))
 
+# %% ../nbs/02i_composition_scores.ipynb #d61d107a
+def probe_image_tokens(decoder: ImageDecoder, probes: list[CompositionProbe],
+                       conditioning: str,  # THINKDIFF_CLIP or IMAGE_CAPTIONS
+                       vision=None, aligner=None, render_size: int = 32, downsample: int = 2) -> list[torch.Tensor]:
+    "Each input image's tokens (B, n_k, d) in order: its true caption's T5 states, or its aligned vision tokens."
+    ks = range(len(probes[0].renders))
+    if conditioning == IMAGE_CAPTIONS: return [caption_states(decoder, probes, k) for k in ks]
+    if vision is None or aligner is None:
+        raise ValueError(f"conditioning {THINKDIFF_CLIP!r} needs a vision encoder and an aligner")
+    return [aligned_images(vision, aligner, probes, k, render_size, downsample) for k in ks]
+
+# %% ../nbs/02i_composition_scores.ipynb #b38b1994
 def probe_conditioning(decoder: ImageDecoder, probes: list[CompositionProbe],  # probes of one kind
                        conditioning: str,  # one of CONDITIONINGS
-                       vision=None, aligner=None,  # the frozen vision encoder and ThinkDiff-CLIP aligner (thinkdiff-clip only)
-                       size: int = 32, downsample: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                       vision=None, aligner=None,  # the vision encoder and ThinkDiff-CLIP aligner (THINKDIFF_CLIP only)
+                       render_size: int = 32, downsample: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     "Prompt embeds (B, L, d) and pooled vectors (B, d_pool) of a batch of probes under one conditioning."
-    if conditioning not in CONDITIONINGS: raise ValueError(f"unknown conditioning {conditioning!r}; conditionings are {CONDITIONINGS}")
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"unknown conditioning {conditioning!r}; conditionings are {CONDITIONINGS}")
     if len({p.kind for p in probes}) != 1: raise ValueError("a batch of probes must be of one composition kind")
     texts = [p.text for p in probes]
-    if conditioning == "oracle": return decoder.encode_prompt([oracle_prompt(p.theme, *p.target) for p in probes])
-    if conditioning == "text-only": return decoder.encode_prompt(texts)
-    n_images = len(probes[0].renders)
-    if conditioning == "image-captions": images = [caption_states(decoder, probes, k) for k in range(n_images)]
-    else:
-        if vision is None or aligner is None: raise ValueError("conditioning 'thinkdiff-clip' needs a vision encoder and an aligner")
-        images = [aligned_images(vision, aligner, probes, k, size, downsample) for k in range(n_images)]
+    if conditioning == ORACLE: return decoder.encode_prompt([oracle_prompt(p.theme, *p.target) for p in probes])
+    if conditioning == TEXT_ONLY: return decoder.encode_prompt(texts)
+    images = probe_image_tokens(decoder, probes, conditioning, vision, aligner, render_size, downsample)
     embeds, pooled = flux_conditioning(decoder, images, texts)
     return embeds, pooled if any(texts) else decoder.empty_pooled(len(probes))
 
@@ -116,7 +132,8 @@ def check_clip_aligner(aligner, vision, decoder: ImageDecoder):
         raise ValueError(f"the ThinkDiff-CLIP aligner reads {aligner.config.d_vlm}-wide tokens but the vision encoder "
                          f"writes {vision.config.hidden_size}-wide ones")
     if aligner.config.d_t5 != decoder.width:
-        raise ValueError(f"the ThinkDiff-CLIP aligner writes {aligner.config.d_t5}-wide tokens but the image decoder reads {decoder.width}")
+        raise ValueError(f"the ThinkDiff-CLIP aligner writes {aligner.config.d_t5}-wide tokens but the image decoder "
+                         f"reads {decoder.width}")
 
 # %% ../nbs/02i_composition_scores.ipynb #14000000
 def _copied(answers: dict, p: CompositionProbe) -> float:
@@ -126,32 +143,40 @@ def _copied(answers: dict, p: CompositionProbe) -> float:
     k = 0 if p.text_axis == "subject" else 1
     return float(answers[f"{p.text_axis}_answer"] in {r[k] for r in p.renders})
 
+# %% ../nbs/02i_composition_scores.ipynb #54e51aab
 def _flags(frame: pd.DataFrame, probes: list[CompositionProbe]) -> pd.DataFrame:
-    "The judged frame of `probes` (in order) with their identity and the donated axes' flags (1.0 right, 0.0 wrong, NaN none)."
+    ("The judged frame of `probes` (in order) with their identity and the donated axes' flags (1.0 right, 0.0 wrong, "
+     "NaN none).")
     rows = frame.to_dict("records")
     return frame.assign(kind=[p.kind for p in probes], probe=[p.index for p in probes], theme=[p.theme for p in probes],
                         text_axis=[p.text_axis for p in probes],
                         image_axes_right=[float(all(r[a] for a in p.image_axes)) for r, p in zip(rows, probes)],
-                        text_axis_right=[float(r[p.text_axis]) if p.text_axis else np.nan for r, p in zip(rows, probes)],
+                        text_axis_right=[float(r[p.text_axis]) if p.text_axis else np.nan for r,
+                                         p in zip(rows, probes)],
                         copied_input=[_copied(r, p) for r, p in zip(rows, probes)])
 
+# %% ../nbs/02i_composition_scores.ipynb #d7f608c0
 def score_block(decoder: ImageDecoder, judge, probes: list[CompositionProbe], conditionings=CONDITIONINGS,
                 vision=None, aligner=None, steps: int = 0, guidance: float = 0.0, seed: int = 0,
                 size: int = 0,         # side of the drawn images; 0: the decoder's default
                 render_size: int = 32, # side of the input renders (the vision encoder resizes them to its own)
                 downsample: int = 2) -> tuple[pd.DataFrame, dict]:
-    "Per (conditioning, probe): the judge's answers and flags; and the drawn images per conditioning, uint8 (B, H, W, 3)."
+    ("Per (conditioning, probe): the judge's answers and flags; and the drawn images per conditioning, uint8 (B, H, W, "
+     "3).")
     frames, drawn = [], {}
     for c in conditionings:
         embeds, pooled = probe_conditioning(decoder, probes, c, vision, aligner, render_size, downsample)
-        drawn[c] = decoder.draw(embeds, pooled, steps, guidance, seed=seed, size=size)  # same seed: same noise per probe
+        # same seed: same noise per probe
+        drawn[c] = decoder.draw(embeds, pooled, steps, guidance, seed=seed, size=size)
         for theme in dict.fromkeys(p.theme for p in probes):  # the judge answers among one theme's options at a time
             rows = [i for i, p in enumerate(probes) if p.theme == theme]
             mine = [probes[i] for i in rows]
-            frames.append(_flags(judged({judge.name: judge}, drawn[c][rows], theme, mine), mine).assign(conditioning=c, row=rows))
+            frames.append(_flags(judged({judge.name: judge}, drawn[c][rows], theme, mine), mine).assign(conditioning=c,
+                                                                                                        row=rows))
     order = {c: i for i, c in enumerate(conditionings)}
     records = pd.concat(frames, ignore_index=True)
-    records = records.sort_values(["conditioning", "row"], key=lambda col: col.map(order) if col.name == "conditioning" else col)
+    records = records.sort_values(["conditioning", "row"],
+                                  key=lambda col: col.map(order) if col.name == "conditioning" else col)
     return records.drop(columns="row").reset_index(drop=True), drawn
 
 # %% ../nbs/02i_composition_scores.ipynb #16000000
@@ -159,12 +184,14 @@ def block_path(out_dir: Path, kind: str, start: int) -> Path:
     "Where a kind's block of probes starting at `start` is recorded."
     return Path(out_dir) / f"{kind}.block{start:04d}.csv"
 
+# %% ../nbs/02i_composition_scores.ipynb #86b58690
 def same_settings(out_dir: Path, settings: dict):
     "Record the settings a folder's blocks are made with, or raise if its blocks were made with others."
     path = Path(out_dir) / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
-        changed = {k: (before.get(k), settings.get(k)) for k in {**before, **settings} if before.get(k) != settings.get(k)}
+        changed = {k: (before.get(k), settings.get(k)) for k in {**before, **settings}
+                   if before.get(k) != settings.get(k)}
         if changed: raise ValueError(f"{out_dir} holds blocks made with other settings, {changed} (then, now): "
                                      "remove it or choose another output folder")
     elif any(Path(out_dir).glob("*.block*.csv")):
@@ -174,13 +201,15 @@ def same_settings(out_dir: Path, settings: dict):
         with os.fdopen(handle, "w") as f: f.write(json.dumps(settings))
         os.replace(tmp, path)
 
+# %% ../nbs/02i_composition_scores.ipynb #45f78d2e
 def evaluate_compositions(decoder: ImageDecoder, judge, out_dir, kinds=COMPOSITION_KINDS, n_probes: int = 200,
                           batch_size: int = 100,  # probes per block: the unit of resumption and of sharing
                           probe_seed: int = 0,    # which probes (`composition_probes`)
                           seed: int = 0,          # the drawing noise; a block draws with seed + its start
                           share: tuple[int, int] | None = None,  # (rank, processes); None: accelerate's
                           poll_seconds: float = 10.0, **kwargs) -> pd.DataFrame:  # kwargs: score_block's
-    "Every kind's probes judged under every conditioning, resumable per block, blocks shared over processes; all records."
+    ("Every kind's probes judged under every conditioning, resumable per block, blocks shared over processes; all "
+     "records.")
     out_dir, (rank, processes) = Path(out_dir), share or process_share()
     out_dir.mkdir(parents=True, exist_ok=True)
     # a block's numbers depend on these; the probe count and the kinds only say how many blocks there are
@@ -192,7 +221,8 @@ def evaluate_compositions(decoder: ImageDecoder, judge, out_dir, kinds=COMPOSITI
         probes = composition_probes(kind, n_probes, probe_seed)
         for k in tqdm(starts[rank::processes], desc=kind, leave=False, disable=rank != 0):
             path = block_path(out_dir, kind, k)
-            if not path.exists(): write_csv(score_block(decoder, judge, probes[k:k + batch_size], seed=seed + k, **kwargs)[0], path)
+            if not path.exists(): write_csv(score_block(decoder, judge, probes[k:k + batch_size], seed=seed + k,
+                                                        **kwargs)[0], path)
     paths = [block_path(out_dir, kind, k) for kind in kinds for k in starts]
     while not all(p.exists() for p in paths): time.sleep(poll_seconds)  # another process is still on its blocks
     return pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in paths], ignore_index=True)
@@ -201,7 +231,8 @@ def evaluate_compositions(decoder: ImageDecoder, judge, out_dir, kinds=COMPOSITI
 def composition_table(records: pd.DataFrame) -> pd.DataFrame:
     "Per kind and conditioning (in record order): probes, and the mean of each flag."
     return (records.groupby(["kind", "conditioning"], sort=False)
-            .agg(probes=("both", "size"), both=("both", "mean"), subject=("subject", "mean"), attribute=("attribute", "mean"),
+            .agg(probes=("both", "size"), both=("both", "mean"), subject=("subject", "mean"),
+                 attribute=("attribute", "mean"),
                  from_images=("image_axes_right", "mean"), from_text=("text_axis_right", "mean"),
                  copied_input=("copied_input", "mean"))
             .reset_index())
@@ -222,7 +253,8 @@ def composition_grid(probes: list[CompositionProbe], drawn: dict, records: pd.Da
         for ax in axes[i, 1:1 + n_in]: ax.axis("off")
         for j, c in enumerate(conditionings):
             ax = axes[i, 1 + n_in + j]; ax.imshow(drawn[c][i]); ax.set_xticks([]); ax.set_yticks([])
-            hit = bool(records[(records.conditioning == c) & (records.probe == p.index) & (records.kind == p.kind)]["both"].iloc[0])
+            hit = bool(records[(records.conditioning == c) & (records.probe == p.index)
+                               & (records.kind == p.kind)]["both"].iloc[0])
             ax.set_title(f"{c}\n{'right' if hit else 'wrong'}", fontsize=7, color="green" if hit else "red")
             for side in ax.spines.values(): side.set_color("green" if hit else "red"); side.set_linewidth(2)
     fig.tight_layout()

@@ -36,7 +36,8 @@ def write_webdataset(root: str | Path, n_train: int, n_validation: int = 64,
                      sides: tuple[int, int] = (24, 96),  # each image's width and height are drawn from this range
                      render_size: int = 32,             # side of the MiniCoBSAT render, scaled up to the image's longer side
                      seed: int = 0, themes=None) -> Path:
-    "MiniCoBSAT renders of random sizes with captions, as cc_sbu webdataset tars `{root}/{split}/NNNNN.tar`, written atomically."
+    ("MiniCoBSAT renders of random sizes with captions, as cc_sbu webdataset tars `{root}/{split}/NNNNN.tar`, written "
+     "atomically.")
     root, rng, themes = Path(root), random.Random(seed), list(themes or THEMES.values())
     if root.exists(): raise FileExistsError(f"{root} exists; remove it or choose another folder")
     tmp, i = atomic_dir(root), 0
@@ -52,7 +53,8 @@ def write_webdataset(root: str | Path, n_train: int, n_validation: int = 64,
                 image = centre_crop(Image.fromarray(render(theme, subject, attribute, render_size, nuisance_seed))
                                     .resize((side, side), Image.BICUBIC), width, height)
                 text = caption(theme, subject, attribute, rng)
-                meta = {"caption": text, "url": f"minicobsat:{theme.name}/{subject}/{attribute}/{nuisance_seed}", "key": key,
+                meta = {"caption": text, "url": f"minicobsat:{theme.name}/{subject}/{attribute}/{nuisance_seed}",
+                        "key": key,
                         "status": "success", "width": width, "height": height, "theme": theme.name, "subject": subject,
                         "attribute": attribute, "seed": nuisance_seed}  # cc_sbu's fields, then the rendered pair
                 tars.write({"__key__": key, "jpg": np.asarray(image), "json": meta, "txt": text})
@@ -69,21 +71,26 @@ def count_samples(tar: str | Path) -> int:
     try:
         samples = IndexedTarSamples(path=str(tar))
         n = len(samples); samples.close()
-    except Exception as e: raise ValueError(f"webdataset shard {tar} is corrupt or not a tar ({type(e).__name__}: {e})") from e
+    except Exception as e: raise ValueError(f"webdataset shard {tar} is corrupt or not a tar ({type(e).__name__}: "
+                                            f"{e})") from e
     if not n: raise ValueError(f"webdataset shard {tar} holds no samples")
     return n
 
+# %% ../nbs/01e_data.ipynb #3fbe9ddd
 def shard_list(folder: str | Path) -> list[dict]:
-    "A split folder's wids shard list: from its `wids_shards.json` if there is one, else each tar's samples counted once."
+    ("A split folder's wids shard list: from its `wids_shards.json` if there is one, else each tar's samples counted "
+     "once.")
     folder = Path(folder)
     index = folder / WIDS_INDEX
     if index.exists():  # relative urls resolve against the folder, absolute ones stay
         shards = [dict(s, url=str(folder / s["url"])) for s in json.loads(index.read_text())["shardlist"]]
-    else: shards = [{"url": str(t), "nsamples": count_samples(t)} for t in tqdm(sorted(folder.glob("*.tar")), desc=f"counting {folder}")]
+    else: shards = [{"url": str(t), "nsamples": count_samples(t)} for t in tqdm(sorted(folder.glob("*.tar")),
+                                                                                desc=f"counting {folder}")]
     if not shards: raise FileNotFoundError(f"no .tar shards in {folder}")
     for s in shards:
         if not Path(s["url"]).exists():
-            raise FileNotFoundError(f"webdataset shard {s['url']} is missing" + (f" (listed in {index})" if index.exists() else ""))
+            raise FileNotFoundError(f"webdataset shard {s['url']} is missing"
+                                    + (f" (listed in {index})" if index.exists() else ""))
     return shards
 
 # %% ../nbs/01e_data.ipynb #7c423c18
@@ -91,7 +98,8 @@ class WebDatasetSource:
     "A split's webdataset tars in the cc_sbu layout ({key}.jpg, .json, .txt), read sample by sample through wids."
     def __init__(self, folder: str | Path, lru_size: int = 2):  # tars wids keeps open (memory-mapped) at once
         self.folder, shards = Path(folder), shard_list(folder)
-        # wids opens a tar through a local copy: here a link in a temporary folder, so nothing is copied or written beside the data
+        # wids opens a tar through a local copy: here a link in a temporary folder, so nothing is copied or written
+        # beside the data
         self._links = tempfile.TemporaryDirectory(prefix="wids-links-")
         links = {s["url"]: os.path.join(self._links.name, f"{k:06d}.tar") for k, s in enumerate(shards)}
         for url, link in links.items(): os.symlink(os.path.abspath(url), link)
@@ -125,11 +133,14 @@ class WebDatasetSource:
 
 # %% ../nbs/01e_data.ipynb #e8c5ddec
 def open_image_captions(data_dir: str | Path, split: str = "train"):
-    "A split's image-caption source: the folder layout when `{split}.jsonl` exists, else the webdataset tars in `{split}/`."
+    ("A split's image-caption source: the folder layout when `{split}.jsonl` exists, else the webdataset tars in "
+     "`{split}/`.")
     data_dir = Path(data_dir)
     if (data_dir / f"{split}.jsonl").exists(): return ImageCaptionSet(data_dir, split)
-    if (data_dir / split / WIDS_INDEX).exists() or any((data_dir / split).glob("*.tar")): return WebDatasetSource(data_dir / split)
-    raise FileNotFoundError(f"no {split} split in {data_dir}: expected {data_dir / split}.jsonl and the images it lists (the folder "
+    if (data_dir / split / WIDS_INDEX).exists() or any((data_dir / split).glob("*.tar")):
+        return WebDatasetSource(data_dir / split)
+    raise FileNotFoundError(f"no {split} split in {data_dir}: expected {data_dir / split}.jsonl and the images it "
+                            "lists (the folder "
                             f"layout) or .tar shards in {data_dir / split}/ (webdataset, cc_sbu layout)")
 
 # %% ../nbs/01e_data.ipynb #8739adac

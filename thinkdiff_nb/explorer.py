@@ -12,12 +12,12 @@ import ipywidgets as W
 from PIL import Image
 from .world import SHOTS, TASKS, task_prompts
 from .backbones import as_profile, load_t5, Profile
-from .methods import ALIGNER_METHODS, METHODS, aligners_needed
+from .methods import ALIGNER_METHODS, CONDITIONINGS, METHODS, THINKDIFF_READOUT, aligners_needed
 from .inference import ThinkDiff, conditioning, read_back, rendered_demonstrations, respond
 from .aligner import load_aligner
 from .clip import load_vision
 from .judges import load_cobsat_judge
-from .composition_scores import COMPOSITION_KINDS, CONDITIONINGS, aligned_images, composition_probes, score_block
+from .composition_scores import COMPOSITION_KINDS, aligned_images, composition_probes, score_block
 
 # %% auto #0
 __all__ = ['torch_threads', 'profile_aligners', 'runnable_methods', 'png', 'tile', 'Explorer', 'small_widget', 'drawing_controls',
@@ -37,11 +37,12 @@ def profile_aligners(profile: Profile | str) -> dict:
     "A profile's default aligners ({name: folder or .pth}) whose weights exist."
     return {name: path for name, path in as_profile(profile).aligners.items() if Path(path).exists()}
 
+# %% ../nbs/09_explorer.ipynb #65f32399
 def runnable_methods(td: ThinkDiff, methods=METHODS) -> list[str]:
     "The `methods` that `td`'s loaded aligners (and readouts) can run, in order."
     def runs(m):
         need = set(aligners_needed([m]))
-        return need <= set(td.aligners) and (m != "thinkdiff-readout" or need <= set(td.readouts))
+        return need <= set(td.aligners) and (m != THINKDIFF_READOUT or need <= set(td.readouts))
     return [m for m in methods if runs(m)]
 
 # %% ../nbs/09_explorer.ipynb #b3bb5bcf
@@ -53,6 +54,7 @@ def png(image: np.ndarray,  # uint8 (H, W, 3)
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(buf, format="PNG")
     return buf.getvalue()
 
+# %% ../nbs/09_explorer.ipynb #f7b46951
 def tile(image: np.ndarray, *captions: str, scale: int = 3) -> W.VBox:
     "An image above its captions."
     width = f"{max(image.shape[1] * scale, 96)}px"  # captions wrap at the image's width, or 96 px for tiny ones
@@ -61,10 +63,11 @@ def tile(image: np.ndarray, *captions: str, scale: int = 3) -> W.VBox:
 
 # %% ../nbs/09_explorer.ipynb #5b8c0075
 class Explorer:
-    "Widgets over one CoBSAT prompt (demonstrations, the VLM's answer, each method's image, T5's read-backs), and a Composition tab."
+    ("Widgets over one CoBSAT prompt (demonstrations, the VLM's answer, each method's image, T5's read-backs), and a "
+     "Composition tab.")
     def __init__(self, profile: Profile | str = "mini",
                  methods=None,           # default: every method the profile's aligners can run
-                 sample_steps: int = 8,  # the decoder's steps at start (a widget): few, so a change redraws in seconds
+                 steps: int = 8,         # the decoder's steps at start (a widget): few, so a change redraws in seconds
                  n_tokens: int = 24,     # VLM tokens, EOS ignored (the paper: 128); also T5's read-back length
                  threads: int = 1,       # torch threads while recomputing (see `torch_threads`); 0: torch's own
                  scale: int = 3,         # on-page enlargement of the images
@@ -80,7 +83,7 @@ class Explorer:
                              f"{sorted(self.td.aligners)}")
         self.methods = list(methods or runnable)
         self.n_tokens, self.threads, self.scale = n_tokens, threads, scale
-        self.controls = self._controls(sample_steps)
+        self.controls = self._controls(steps)
         self.status, self.demo_box, self.method_box = W.HTML(), W.HBox(), W.HBox(layout=W.Layout(flex_flow="row wrap"))
         self.status.add_class("explorer-status"); self.demo_box.add_class("explorer-demonstrations")
         self.method_box.add_class("explorer-methods")
@@ -89,8 +92,9 @@ class Explorer:
         prompt_tab.add_class("thinkdiff-explorer")
         self.update()
         for w in self.controls.values(): w.observe(lambda change: self.update(), names="value")
-        self.composer = (Composer.from_profile(self.td.profile, self.td.decoder, self.t5, self.t5_tokenizer, judge, device,
-                                               sample_steps=sample_steps, n_tokens=n_tokens, threads=threads, scale=scale)
+        self.composer = (Composer.from_profile(self.td.profile, self.td.decoder, self.t5, self.t5_tokenizer, judge,
+                                               device,
+                                               steps=steps, n_tokens=n_tokens, threads=threads, scale=scale)
                          if composition and has_composition(self.td.profile) else None)
         self.widget = prompt_tab if self.composer is None else W.Tab([prompt_tab, self.composer.widget],
                                                                      titles=["CoBSAT prompt", "Composition"])
@@ -100,18 +104,21 @@ def small_widget(width: str = "150px") -> dict:
     "Keyword arguments of a compact input widget: its label at natural width, the box `width` wide."
     return dict(style={"description_width": "initial"}, layout=W.Layout(width=width))
 
-def drawing_controls(sample_steps: int, width: str = "150px") -> dict:
+# %% ../nbs/09_explorer.ipynb #ae3b0484
+def drawing_controls(steps: int,  # the decoder steps the widget starts at
+                     width: str = "150px") -> dict:
     "The seed and decoder-steps widgets that every tab draws with."
     return dict(seed=W.BoundedIntText(0, min=0, max=2 ** 31 - 1, description="seed", **small_widget(width)),
-                steps=W.IntSlider(sample_steps, min=1, max=28, description="decoder steps", continuous_update=False,
+                steps=W.IntSlider(steps, min=1, max=28, description="decoder steps", continuous_update=False,
                                   style={"description_width": "initial"}))
 
-def _controls(self: Explorer, sample_steps: int) -> dict:
+# %% ../nbs/09_explorer.ipynb #3c09609d
+def _controls(self: Explorer, steps: int) -> dict:
     "The input widgets by name, each with a CSS class `explorer-<name>` for the page."
     controls = dict(task=W.Dropdown(options=[t.name for t in TASKS], description="task", **small_widget()),
                     shot=W.Dropdown(options=list(SHOTS), description="shot", **small_widget()),
                     prompt=W.BoundedIntText(0, min=0, max=999, description="prompt", **small_widget()),
-                    **drawing_controls(sample_steps))
+                    **drawing_controls(steps))
     for name, w in controls.items(): w.add_class(f"explorer-{name}")
     return controls
 Explorer._controls = _controls  # the class grows cell by cell without fastcore's @patch, a dev-only dependency
@@ -155,25 +162,30 @@ def has_composition(profile: Profile | str) -> bool:
     p = as_profile(profile)
     return bool(p.vision and p.clip_aligner and Path(p.clip_aligner).exists())
 
+# %% ../nbs/09_explorer.ipynb #074425da
 class Composer:
-    "Widgets over one composition probe: its inputs with T5's read-back of each, and every conditioning's image, judged."
+    ("Widgets over one composition probe: its inputs with T5's read-back of each, and every conditioning's image, "
+     "judged.")
     def __init__(self, decoder, vision, aligner, judge, t5, t5_tokenizer,  # loaded models (see `from_profile`)
-                 sample_steps: int = 8, n_tokens: int = 24, threads: int = 1, scale: int = 3):  # as `Explorer`'s
+                 steps: int = 8, n_tokens: int = 24, threads: int = 1, scale: int = 3):  # as `Explorer`'s
         self.decoder, self.vision, self.aligner, self.judge, self.t5, self.t5_tokenizer = decoder, vision, aligner, judge, t5, t5_tokenizer
         self.n_tokens, self.threads, self.scale = n_tokens, threads, scale
-        self.controls = dict(kind=W.Dropdown(options=list(COMPOSITION_KINDS), description="kind", **small_widget("190px")),
+        self.controls = dict(kind=W.Dropdown(options=list(COMPOSITION_KINDS), description="kind",
+                                             **small_widget("190px")),
                              probe=W.BoundedIntText(0, min=0, max=999, description="probe", **small_widget("190px")),
-                             **drawing_controls(sample_steps, "190px"))
+                             **drawing_controls(steps, "190px"))
         for name, w in self.controls.items(): w.add_class(f"composer-{name}")
         self.status, self.input_box, self.image_box = W.HTML(), W.HBox(), W.HBox(layout=W.Layout(flex_flow="row wrap"))
-        for w, name in ((self.status, "status"), (self.input_box, "inputs"), (self.image_box, "images")): w.add_class(f"composer-{name}")
+        for w, name in ((self.status, "status"), (self.input_box, "inputs"), (self.image_box, "images")):
+            w.add_class(f"composer-{name}")
         self.widget = W.VBox([W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")), self.status,
                               W.HTML("<b>Inputs</b>"), self.input_box, W.HTML("<b>Conditionings</b>"), self.image_box])
         self.widget.add_class("thinkdiff-composer")
         self.update()
         for w in self.controls.values(): w.observe(lambda change: self.update(), names="value")
     @classmethod
-    def from_profile(cls, profile: Profile | str, decoder, t5, t5_tokenizer, judge: str = "mini", device="cpu", **kwargs):
+    def from_profile(cls, profile: Profile | str, decoder, t5, t5_tokenizer, judge: str = "mini", device="cpu",
+                     **kwargs):
         "A Composer over a profile's vision encoder, CLIP aligner and judge, reusing a loaded decoder and T5."
         p = as_profile(profile)
         return cls(decoder, load_vision(p.vision, device), load_aligner(p.clip_aligner).to(device).eval(),
@@ -186,10 +198,12 @@ def _compose(self: Composer) -> float:
     self.status.value = "<i>computing…</i>"
     self.probe = composition_probes(v["kind"], v["probe"] + 1)[-1]
     with torch_threads(self.threads):
-        self.records, drawn = score_block(self.decoder, self.judge, [self.probe], CONDITIONINGS, self.vision, self.aligner,
+        self.records, drawn = score_block(self.decoder, self.judge, [self.probe], CONDITIONINGS, self.vision,
+                                          self.aligner,
                                           steps=v["steps"], seed=v["seed"])
         self.images = {c: d[0] for c, d in drawn.items()}
-        self.read_backs = [read_back(self.t5, self.t5_tokenizer, aligned_images(self.vision, self.aligner, [self.probe], k),
+        self.read_backs = [read_back(self.t5, self.t5_tokenizer,
+                                     aligned_images(self.vision, self.aligner, [self.probe], k),
                                      self.n_tokens)[0] for k in range(len(self.probe.renders))]
     self.inputs = self.probe.images()
     self.seconds = time.perf_counter() - start
@@ -197,14 +211,17 @@ def _compose(self: Composer) -> float:
     return self.seconds
 Composer.update = _compose
 
+# %% ../nbs/09_explorer.ipynb #148d3f58
 def _show_composition(self: Composer):
     "Fill the output widgets from the last recompute."
     p = self.probe
-    self.input_box.children = [tile(img, f"input {k + 1}: {s} / {a}", f"T5 reads: {rb or '(nothing)'}", scale=self.scale)
+    self.input_box.children = [tile(img, f"input {k + 1}: {s} / {a}", f"T5 reads: {rb or '(nothing)'}",
+                                    scale=self.scale)
                                for k, (img, (s, a, _), rb) in enumerate(zip(self.inputs, p.renders, self.read_backs))]
     verdicts = self.records.set_index("conditioning")
     self.image_box.children = [tile(self.images[c], c, f"judge: {verdicts.loc[c, 'subject_answer']} / "
-                                    f"{verdicts.loc[c, 'attribute_answer']} ({'right' if verdicts.loc[c, 'both'] else 'wrong'})",
+                                    f"{verdicts.loc[c, 'attribute_answer']} "
+                                    f"({'right' if verdicts.loc[c, 'both'] else 'wrong'})",
                                     scale=self.scale) for c in self.images]
     self.status.value = (f"<b>{p.kind}</b> probe #{p.index} ({p.theme}): text {html.escape(repr(p.text))}, target "
                          f"<b>{' / '.join(p.target)}</b> <small>(recomputed in {self.seconds:.1f} s)</small>")

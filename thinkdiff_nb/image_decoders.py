@@ -25,12 +25,14 @@ def pack_pixels(images: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
     x = images.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
+# %% ../nbs/01a_image_decoders.ipynb #ea3785f5
 def unpack_pixels(tokens: torch.Tensor, size: int, patch: int = PATCH) -> torch.Tensor:
     "Inverse of `pack_pixels`: (B, N, 3 p p) -> (B, 3, size, size)."
     b, g = tokens.shape[0], size // patch
     x = tokens.reshape(b, g, g, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, 3, size, size)
 
+# %% ../nbs/01a_image_decoders.ipynb #dc5f8bad
 def image_ids(size: int, patch: int = PATCH) -> torch.Tensor:
     "FLUX's (N, 3) position ids of the image tokens: (0, row, column)."
     g = size // patch
@@ -46,11 +48,14 @@ def decoder_velocity(decoder: FluxTransformer2DModel, x_t: torch.Tensor, t: torc
     return decoder(hidden_states=x_t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled, timestep=t,
                    img_ids=image_ids(size).to(x_t.device), txt_ids=txt_ids, return_dict=False)[0]
 
+# %% ../nbs/01a_image_decoders.ipynb #e39cc101
 def share_randn(shape: tuple, generator=None, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    "This process's rows of standard normal noise drawn for the whole global batch (shape[0] rows per process), on the CPU."
+    ("This process's rows of standard normal noise drawn for the whole global batch (shape[0] rows per process), on "
+     "the CPU.")
     total = shape[0] * share[1]
     return torch.randn((total, *shape[1:]), generator=generator)[share_of(total, share)]
 
+# %% ../nbs/01a_image_decoders.ipynb #428ce6b9
 def flow_matching_loss(decoder, pixels, prompt_embeds, pooled, generator=None, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     "Flow-matching MSE with logit-normal times for this process's share (B, 3, H, W) in [-1, 1] of a global batch."
     x0 = pack_pixels(pixels)
@@ -59,6 +64,7 @@ def flow_matching_loss(decoder, pixels, prompt_embeds, pooled, generator=None, s
     x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
     return F.mse_loss(decoder_velocity(decoder, x_t, t, prompt_embeds, pooled, pixels.shape[-1]), noise - x0)
 
+# %% ../nbs/01a_image_decoders.ipynb #13bc2d38
 @torch.no_grad()
 def sample_images(decoder, prompt_embeds: torch.Tensor, pooled: torch.Tensor, uncond_embeds: torch.Tensor | None = None,
                   size: int = 32, steps: int = 20, guidance: float = 4.0,
@@ -119,8 +125,10 @@ class PixelDecoder(ImageDecoder):
         return encode_text(self.t5, self.text_tokenizer, texts, TEXT_LENGTH), self.empty_pooled(len(texts))
     def empty_pooled(self, n): return self._empty_pooled.expand(n, -1)
     def draw(self, embeds, pooled, steps=0, guidance=0.0, seed=0, size=0):
-        if size not in (0, self.size): raise ValueError(f"the mini decoder draws {self.size}x{self.size} images, not {size}x{size}")
-        return to_uint8(sample_images(self.transformer, embeds, pooled, self.empty_embeds, steps=steps or self.default_steps,
+        if size not in (0, self.size): raise ValueError(f"the mini decoder draws {self.size}x{self.size} images, not "
+                                                        f"{size}x{size}")
+        return to_uint8(sample_images(self.transformer, embeds, pooled, self.empty_embeds,
+                                      steps=steps or self.default_steps,
                                       guidance=guidance or self.default_guidance, seed=seed))
     def flow_loss(self, pixels, embeds, pooled, generator, share=(0, 1)):
         return flow_matching_loss(self.transformer, pixels, embeds, pooled, generator=generator, share=share)
@@ -135,15 +143,19 @@ def flux_packed_latents(pipe: FluxPipeline, pixels: torch.Tensor, device) -> tup
     b, c, h, w = latents.shape
     return pipe._pack_latents(latents, b, c, h, w), h, w
 
+# %% ../nbs/01a_image_decoders.ipynb #ec7b116e
 def flux_velocity(pipe: FluxPipeline, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
                   grid: tuple[int, int],  # the latent grid (h, w) that x_t packs
                   guidance: float) -> torch.Tensor:
     "FLUX's predicted velocity for packed latents x_t (B, N, 4c) at times t (B,), read from prompt embeds (B, L, d)."
     device, dtype, (h, w), b = x_t.device, pipe.transformer.dtype, grid, len(x_t)
     distilled = torch.full((b,), guidance, device=device) if pipe.transformer.config.guidance_embeds else None
-    return pipe.transformer(hidden_states=x_t, timestep=t, guidance=distilled, pooled_projections=pooled.to(device, dtype),
-                            encoder_hidden_states=embeds.to(device, dtype), txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
-                            img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype), return_dict=False)[0]
+    return pipe.transformer(hidden_states=x_t, timestep=t, guidance=distilled,
+                            pooled_projections=pooled.to(device, dtype),
+                            encoder_hidden_states=embeds.to(device, dtype),
+                            txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
+                            img_ids=pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
+                            return_dict=False)[0]
 
 # %% ../nbs/01a_image_decoders.ipynb #0a4b80d6
 class FluxDecoder(ImageDecoder):
@@ -192,11 +204,13 @@ def load_image_decoder(profile: Profile | str, device="cpu", dtype=torch.float32
     "The profile's image decoder, frozen: the mini pixel-space decoder or a FluxPipeline."
     profile = as_profile(profile)
     if profile.kind == "mini":
-        if text_length not in (0, TEXT_LENGTH): raise ValueError(f"the mini decoder was trained on {TEXT_LENGTH}-token texts, not {text_length}")
+        if text_length not in (0, TEXT_LENGTH): raise ValueError("the mini decoder was trained on "
+                                                                 f"{TEXT_LENGTH}-token texts, not {text_length}")
         return PixelDecoder(load_decoder(profile, device, dtype), *load_t5(profile, device, dtype))
     pipe = FluxPipeline.from_pretrained(profile.decoder, dtype=dtype)
     if pipe.transformer.config.joint_attention_dim != profile.text_width:
-        raise ValueError(f"{profile.decoder} reads {pipe.transformer.config.joint_attention_dim}-wide prompt embeds but "
+        raise ValueError(f"{profile.decoder} reads {pipe.transformer.config.joint_attention_dim}-wide prompt embeds "
+                         "but "
                          f"profile {profile.name!r} aligns to {profile.text_width}")
     if cpu_offload: pipe.enable_model_cpu_offload(device=device)
     else: pipe.to(device)

@@ -38,11 +38,14 @@ class ThinkDiff:
         "Load a profile's VLM and image decoder onto `device`, and the given aligners (kept in float32, as trained)."
         profile = as_profile(profile)
         unknown = set(aligners or {}) - set(ALIGNER_METHODS)
-        if unknown: raise ValueError(f"unknown aligner methods {sorted(unknown)}; aligner methods are {list(ALIGNER_METHODS)}")
+        if unknown: raise ValueError(f"unknown aligner methods {sorted(unknown)}; aligner methods are "
+                                     f"{list(ALIGNER_METHODS)}")
         loaded = {name: load_aligner(path).to(device).eval() for name, path in (aligners or {}).items()}
-        readouts = {name: r.to(device) for name, path in (aligners or {}).items() if (r := load_readout(path)) is not None}
+        readouts = {name: r.to(device) for name,
+                    path in (aligners or {}).items() if (r := load_readout(path)) is not None}
         vlm, processor = load_vlm(profile, device, dtype)
-        return cls(profile, vlm, processor, load_image_decoder(profile, device, dtype, cpu_offload, text_length), loaded, readouts)
+        return cls(profile, vlm, processor, load_image_decoder(profile, device, dtype, cpu_offload, text_length),
+                   loaded, readouts)
 
 # %% ../nbs/02d_inference.ipynb #7aa7ebd6
 def aligner_folders(profile: Profile | str, methods,
@@ -51,10 +54,13 @@ def aligner_folders(profile: Profile | str, methods,
     "{aligner method: path} of every aligner a list of methods reads, each checked to exist."
     profile, aligners = as_profile(profile), aligners or {}
     unknown = sorted(set(aligners) - set(ALIGNER_METHODS))
-    if unknown: raise ValueError(f"parameter aligners names unknown aligner methods {unknown}; aligner methods are {list(ALIGNER_METHODS)}")
-    folders = {m: project_path(aligners[m]) if aligners.get(m) else profile.aligners.get(m) for m in aligners_needed(methods)}
+    if unknown: raise ValueError(f"parameter aligners names unknown aligner methods {unknown}; aligner methods are "
+                                 f"{list(ALIGNER_METHODS)}")
+    folders = {m: project_path(aligners[m]) if aligners.get(m) else profile.aligners.get(m)
+               for m in aligners_needed(methods)}
     unset = [m for m, f in folders.items() if f is None]
-    if unset: raise ValueError(f"methods {list(methods)} need aligners {unset}: give them in parameter aligners; profile {profile.name!r} has none")
+    if unset: raise ValueError(f"methods {list(methods)} need aligners {unset}: give them in parameter aligners; "
+                               f"profile {profile.name!r} has none")
     missing = [f"{m}: {str(f)!r}" for m, f in folders.items() if not Path(f).exists()]
     if missing: raise FileNotFoundError(f"no trained aligner at {', '.join(missing)}; train it with nbs/03_train.ipynb")
     return {m: Path(f) for m, f in folders.items()}
@@ -64,11 +70,13 @@ def rendered_demonstrations(prompt: InContextPrompt, image_seed: int = 10 ** 6) 
     "A prompt's demonstration images drawn by the MiniCoBSAT renderer, with nuisance seeded by the prompt's index."
     return prompt.images(seed=image_seed + prompt.index)
 
+# %% ../nbs/02d_inference.ipynb #cd91a526
 def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, seed: int = 0, batch_size: int = 64,
             demonstrations=rendered_demonstrations,  # prompt -> its demonstration images (e.g. CoBSAT's released ones)
             features: bool = True,  # also the states of exactly n_tokens with the end tokens masked (the aligners' input)
             ) -> list[dict]:
-    "Per prompt: the answer text up to its end token and, with `features`, the prompt states and `n_tokens` generated states."
+    ("Per prompt: the answer text up to its end token and, with `features`, the prompt states and `n_tokens` generated "
+     "states.")
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
@@ -76,12 +84,13 @@ def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, s
         def generate(**how):  # the same sampling noise for both generations
             torch.manual_seed(seed + i)
             return generate_with_features(td.vlm, td.processor, conversations, images, n_tokens,
-                                          image_size=td.profile.image_size, **how)
+                                          image_size=td.profile.vlm_image_size, **how)
         answers = generate(min_new_tokens=0, capture=None)  # may stop at once, as vLLM's min_tokens 0
         states = generate(ignore_eos=True) if features else [{}] * len(chunk)
         out += [s | {"answer": a["text"], "answer_ids": a["generated_ids"]} for a, s in zip(answers, states)]
     return out
 
+# %% ../nbs/02d_inference.ipynb #1d335888
 def answer_settings(td: ThinkDiff, n_tokens: int = 24) -> dict:
     "The sampling `respond` applies, as `generate` applies it: for the answer text and for the aligners' n_tokens."
     ends, pad = end_token_ids(td.vlm, td.processor.tokenizer), td.processor.tokenizer.pad_token_id
@@ -93,24 +102,31 @@ Tokens = torch.Tensor | list  # (B, L, d), or B tensors (L_i, d) when the rows d
 
 def _aligned(td: ThinkDiff, name: str,  # an aligner method
              responses: list[dict]) -> Tokens:
-    "An aligner's tokens of a batch: (B, L, d) when every sample has L rows, else each sample's (L_i, d) projected alone."
+    ("An aligner's tokens of a batch: (B, L, d) when every sample has L rows, else each sample's (L_i, d) projected "
+     "alone.")
     if name not in td.aligners: raise KeyError(f"no {name!r} aligner; loaded: {sorted(td.aligners)}")
     aligner = td.aligners[name]
-    feats = [r["prompt_features" if ALIGNER_METHODS[name].states == "input" else "generated_features"] for r in responses]
+    feats = [r["prompt_features" if ALIGNER_METHODS[name].states == "input" else "generated_features"]
+             for r in responses]
     with torch.no_grad():
         if len({len(f) for f in feats}) == 1: return aligner(torch.stack(feats).to(aligner.device))
         return [aligner(f[None].to(aligner.device))[0] for f in feats]
 
+# %% ../nbs/02d_inference.ipynb #3feb2059
 def _per_row(tokens: Tokens, op) -> Tokens:
     "`op` applied to a batch of tokens, or to each row of a ragged list."
     return op(tokens) if torch.is_tensor(tokens) else [op(t[None])[0] for t in tokens]
 
-def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> tuple[Tokens, torch.Tensor]:
-    "(decoder tokens (B, L, d) or a ragged list, pooled vectors (B, d_pool)) of a method for a batch of prompts and answers."
+# %% ../nbs/02d_inference.ipynb #ebfa099c
+def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> tuple[Tokens,
+                                                                                                             torch.Tensor]:
+    ("(decoder tokens (B, L, d) or a ragged list, pooled vectors (B, d_pool)) of a method for a batch of prompts and "
+     "answers.")
     text = td.decoder.encode_prompt
     if method in ALIGNER_METHODS: return _aligned(td, method, responses), td.decoder.empty_pooled(len(responses))
     if method == "thinkdiff-readout":
-        if "thinkdiff" not in td.readouts: raise KeyError("the thinkdiff aligner has no T5 readout; 03_train saves one beside its weights")
+        if "thinkdiff" not in td.readouts: raise KeyError("the thinkdiff aligner has no T5 readout; 03_train saves "
+                                                          "one beside its weights")
         readout = td.readouts["thinkdiff"]
         return _per_row(_aligned(td, "thinkdiff", responses), lambda t: apply_readout(t, readout)), td.decoder.empty_pooled(len(responses))
     if method == "text-bridge": return text([r["answer"] for r in responses])
@@ -123,7 +139,9 @@ def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], res
     if method == "oracle": return text([oracle_prompt(p.task.theme, *p.target) for p in prompts])
     raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
 
-def draw(decoder: ImageDecoder, embeds: Tokens, pooled: torch.Tensor, steps: int = 0, guidance: float = 0.0, seed: int = 0,
+# %% ../nbs/02d_inference.ipynb #29fca808
+def draw(decoder: ImageDecoder, embeds: Tokens, pooled: torch.Tensor, steps: int = 0, guidance: float = 0.0,
+         seed: int = 0,
          size: int = 0) -> np.ndarray:
     "uint8 images (B, H, W, 3) of a conditioning: one batch, or one per row length with each row's seed (seed + row)."
     if torch.is_tensor(embeds): return decoder.draw(embeds, pooled, steps, guidance, seed=seed, size=size)
@@ -140,10 +158,12 @@ def draw(decoder: ImageDecoder, embeds: Tokens, pooled: torch.Tensor, steps: int
 def read_back(t5, tokenizer,  # the profile's T5 (`load_t5`) and its tokenizer
               tokens,  # (B, L, d) aligned tokens, or a list of (L_i, d), given to the decoder as its encoder states
               max_new_tokens: int = 24) -> list[str]:
-    "What the frozen T5 decoder reads back from `tokens`: its greedy decoding, per row (ragged rows masked, as T5 reads them)."
+    ("What the frozen T5 decoder reads back from `tokens`: its greedy decoding, per row (ragged rows masked, as T5 "
+     "reads them).")
     rows = list(tokens)
     states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, L, d), zero rows after a shorter sample
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
     encoded = BaseModelOutput(last_hidden_state=states.to(t5.device, t5.dtype))
-    ids = t5.generate(encoder_outputs=encoded, attention_mask=mask.to(t5.device), max_new_tokens=max_new_tokens, do_sample=False)
+    ids = t5.generate(encoder_outputs=encoded, attention_mask=mask.to(t5.device), max_new_tokens=max_new_tokens,
+                      do_sample=False)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

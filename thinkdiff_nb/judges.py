@@ -21,12 +21,14 @@ def _options(values: list[str]) -> str:
     "CoBSAT's option list: ' (1)first (2)second ...' in display words."
     return "".join(f" ({i + 1}){display_word(v)}" for i, v in enumerate(values))
 
+# %% ../nbs/01d_judges.ipynb #70acb7ea
 _ANSWER_FORMAT = ". Answer the number only and do not include any other texts (e.g., 1)."
 
 def judge_questions(theme: Theme | str) -> dict[str, str]:
     "CoBSAT's two questions about an image of `theme` (evaluation_icl.py, get_eval_prompt, image mode)."
     theme = as_theme(theme)
-    return {"attribute": f"What is the {theme.attribute_axis} (of the main object) in this image? Answer from the following "
+    return {"attribute": f"What is the {theme.attribute_axis} (of the main object) in this image? Answer from the "
+                         "following "
                          f"options: {_options(theme.attributes)}{_ANSWER_FORMAT}",
             "subject": f"What is the main object in this image? Answer from the following options: "
                        f"{_options(theme.subjects)}{_ANSWER_FORMAT}"}
@@ -49,8 +51,10 @@ class CobsatJudge(ABC):
     name: str = ""  # mini | llava | clip
     @abstractmethod
     def answer(self, images, theme: Theme | str, targets: list[tuple[str, str]] | None = None) -> pd.DataFrame:
-        "Per image: columns subject_answer and attribute_answer (raw item names, None when unparseable), plus judge-specific columns."
+        ("Per image: columns subject_answer and attribute_answer (raw item names, None when unparseable), plus "
+         "judge-specific columns.")
 
+# %% ../nbs/01d_judges.ipynb #9b8dba4f
 def _check_images(images) -> np.ndarray:
     "`images` as a uint8 array (B, H, W, 3), or a clear error."
     images = np.asarray(images)
@@ -58,10 +62,12 @@ def _check_images(images) -> np.ndarray:
         raise ValueError(f"images must be uint8 (B, H, W, 3), got {images.dtype} of shape {images.shape}")
     return images
 
+# %% ../nbs/01d_judges.ipynb #108f51db
 def _item(values: list[str], option: int) -> str | None:
     "The value of a 1-based option, None for -1."
     return values[option - 1] if option > 0 else None
 
+# %% ../nbs/01d_judges.ipynb #9744e279
 def _frame(subjects: list, attributes: list, **columns) -> pd.DataFrame:
     "The answer frame: subject_answer, attribute_answer, then `columns`."
     return pd.DataFrame({"subject_answer": subjects, "attribute_answer": attributes, **columns})
@@ -77,7 +83,8 @@ class MiniJudge(CobsatJudge):
         return _frame([s for s, _ in pairs], [a for _, a in pairs])
 
 # %% ../nbs/01d_judges.ipynb #7c7da5c7
-LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                   "helpful, "
                    "detailed, and polite answers to the human's questions.")  # LLaVA's conv_llava_v1 system line
 MAX_QUESTION_CHARS = 2047  # CoBSAT cuts each question to this many characters
 
@@ -85,6 +92,7 @@ def llava_prompt(question: str, image_token: str = "<image>") -> str:
     "The llava_v1 prompt CoBSAT's LLaVA judge reads: system line, then `USER: <image>\\n{question} ASSISTANT:`."
     return f"{LLAVA_V1_SYSTEM} USER: {image_token}\n{question[:MAX_QUESTION_CHARS]} ASSISTANT:"
 
+# %% ../nbs/01d_judges.ipynb #68bc25ab
 def expand_to_square(image: np.ndarray,  # uint8 (H, W, 3)
                      fill: tuple[int, int, int],  # RGB of the added margins
                     ) -> np.ndarray:  # uint8 (S, S, 3), S = max(H, W)
@@ -103,11 +111,13 @@ def _model_folder(profile: Profile | str, name: str) -> str:
     profile = as_profile(profile)
     path = getattr(profile, name)
     if not path:
-        raise ValueError(f"profile {profile.name!r} has no {name} judge (its `{name}` is empty; the paper profile reads "
+        raise ValueError(f"profile {profile.name!r} has no {name} judge (its `{name}` is empty; the paper profile "
+                         "reads "
                          f"{getattr(PROFILES['paper'], name)}); judge with 'mini' or use a profile that has one")
     require_weights(path, f"{name} judge", profile)
     return path
 
+# %% ../nbs/01d_judges.ipynb #86e9acc4
 class LlavaJudge(CobsatJudge):
     "CoBSAT's main judge: LLaVA-1.5 answers both questions greedily about each image (evaluation_icl.py, eval_model)."
     name = "llava"
@@ -126,7 +136,7 @@ class LlavaJudge(CobsatJudge):
         "The llava_v1 prompt of each question."
         return {k: llava_prompt(q, self.processor.image_token) for k, q in judge_questions(theme).items()}
     def inputs(self, images: list[np.ndarray], prompts: list[str]):
-        "The model's batch for (image, prompt) pairs: each image padded to a square as LLaVA-1.5 does, prompts left-padded."
+        "The batch of (image, prompt) pairs: images padded to squares as LLaVA-1.5 does, prompts left-padded."
         squares = [expand_to_square(im, self.fill) for im in images]
         return self.processor(text=prompts, images=squares, padding=True, padding_side="left",
                               return_tensors="pt").to(self.model.device, dtype=self.model.dtype)
@@ -137,12 +147,12 @@ class LlavaJudge(CobsatJudge):
         for i in range(0, len(prompts), self.batch_size):
             batch = self.inputs(images[i:i + self.batch_size], prompts[i:i + self.batch_size])
             ids = self.model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens)
-            out += [r.strip() for r in self.processor.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+            out += [r.strip() for r in self.processor.batch_decode(ids[:, batch["input_ids"].shape[1]:],
+                                                                   skip_special_tokens=True)]
         return out
     def answer(self, images, theme, targets=None) -> pd.DataFrame:
         "Per image: the parsed answers and the raw replies (reply_subject, reply_attribute)."
-        theme, prompts, images = as_theme(theme), self.prompts(theme), list(_check_images(images))
-        n = len(images)
+        theme, prompts, images = as_theme(theme), self.prompts(theme), list(_check_images(images)); n = len(images)
         replies = self.replies(images * 2, [prompts["subject"]] * n + [prompts["attribute"]] * n)
         subject, attribute = replies[:n], replies[n:]
         return _frame([_item(theme.subjects, parse_option(r)) for r in subject],
@@ -151,7 +161,8 @@ class LlavaJudge(CobsatJudge):
 
 # %% ../nbs/01d_judges.ipynb #59ee578f
 class ClipJudge(CobsatJudge):
-    "CoBSAT's CLIP metric: arg-max over the theme's value names, similarity to the target's 'attribute subject' (eval_clip)."
+    ("CoBSAT's CLIP metric: arg-max over the theme's value names, similarity to the target's 'attribute subject' "
+     "(eval_clip).")
     name = "clip"
     def __init__(self, model: CLIPModel, processor: CLIPProcessor,
                  batch_size: int = 64):  # images per CLIP call
@@ -160,13 +171,15 @@ class ClipJudge(CobsatJudge):
     def from_profile(cls, profile: Profile | str, device="cpu", dtype=torch.float32, **kwargs) -> ClipJudge:
         "The profile's CLIP, loaded as `openai/clip-vit-base-patch32` is."
         path = _model_folder(profile, "clip")
-        return cls(CLIPModel.from_pretrained(path, dtype=dtype, device_map=device), CLIPProcessor.from_pretrained(path), **kwargs)
+        return cls(CLIPModel.from_pretrained(path, dtype=dtype, device_map=device),
+                   CLIPProcessor.from_pretrained(path), **kwargs)
     @torch.no_grad()
     def similarities(self, images: np.ndarray, texts: list[str]) -> np.ndarray:  # (B, T)
         "CLIP's logit_scale.exp() * cosine of each image with each text, floored at 0 (get_clip_similarity)."
         out = []
         for i in range(0, len(images), self.batch_size):
-            batch = self.processor(text=texts, images=list(images[i:i + self.batch_size]), padding=True, truncation=True,
+            batch = self.processor(text=texts, images=list(images[i:i + self.batch_size]), padding=True,
+                                   truncation=True,
                                    max_length=77, return_tensors="pt").to(self.model.device, dtype=self.model.dtype)
             out.append(self.model(**batch).logits_per_image.float().clamp(min=0).cpu())
         return torch.cat(out).numpy()
@@ -179,7 +192,8 @@ class ClipJudge(CobsatJudge):
         wanted = [f"{display_word(a)} {display_word(s)}" for s, a in targets or []]
         texts = list(theme.subjects) + list(theme.attributes) + list(dict.fromkeys(wanted))
         sims, n = self.similarities(images, texts), len(theme.subjects)
-        frame = _frame([theme.subjects[k] for k in sims[:, :n].argmax(1)], [theme.attributes[k] for k in sims[:, n:2 * n].argmax(1)])
+        frame = _frame([theme.subjects[k] for k in sims[:, :n].argmax(1)],
+                       [theme.attributes[k] for k in sims[:, n:2 * n].argmax(1)])
         if targets is not None: frame["clip_similarity"] = [sims[i, texts.index(t)] for i, t in enumerate(wanted)]
         return frame
 
@@ -191,6 +205,7 @@ def judge_dtype(name: str, device) -> torch.dtype:
     "The dtype CoBSAT runs judge `name` in on a GPU (COBSAT_DTYPES); float32 on a CPU, which has no fast half kernels."
     return COBSAT_DTYPES.get(name, torch.float32) if torch.device(device).type == "cuda" else torch.float32
 
+# %% ../nbs/01d_judges.ipynb #7332d888
 def load_cobsat_judge(profile: Profile | str,
                       name: str,  # mini | llava | clip
                       device="cpu",  # a torch device; llava and clip take it as from_pretrained's device_map

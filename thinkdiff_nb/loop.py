@@ -5,7 +5,7 @@
 # %% ../nbs/00a_loop.ipynb #3d766e83
 from __future__ import annotations
 import math, os, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
@@ -15,7 +15,8 @@ from diffusers.training_utils import EMAModel
 from .runtime import process_state
 
 # %% auto #0
-__all__ = ['atomic_torch_save', 'param_groups', 'write_loss_csv', 'FitResult', 'fit']
+__all__ = ['atomic_torch_save', 'param_groups', 'write_loss_csv', 'Schedule', 'FitResult', 'FitState', 'fit_state', 'resume',
+           'save_checkpoint', 'train_step', 'fit']
 
 # %% ../nbs/00a_loop.ipynb #bd235133
 def atomic_torch_save(obj, path: Path):
@@ -24,18 +25,35 @@ def atomic_torch_save(obj, path: Path):
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp); os.replace(tmp, path)
 
+# %% ../nbs/00a_loop.ipynb #515ad68d
 def param_groups(model, weight_decay: float):
     "AdamW groups: decay on weights with 2+ dimensions, none on biases and norm scales."
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
+# %% ../nbs/00a_loop.ipynb #1d00b646
 def write_loss_csv(path: Path, losses: list[float], lrs: list[float]):
     "The per-step loss log as CSV (step, loss, lr), written atomically."
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("step,loss,lr\n" + "".join(f"{i},{l:.6g},{r:.6g}\n" for i, (l, r) in enumerate(zip(losses, lrs))))
     os.replace(tmp, path)
 
+# %% ../nbs/00a_loop.ipynb #f483fd95
+@dataclass(frozen=True)
+class Schedule:
+    "How `fit` optimises: AdamW, linear warm-up then cosine to `min_lr`, clipping, an EMA, checkpoints, the data seed."
+    steps: int                 # optimiser steps in all, those of earlier legs included (ThinkDiff's aligners: 200,000)
+    lr: float = 1e-3           # peak learning rate, reached at the end of the warm-up (ThinkDiff's aligners: 1e-4)
+    min_lr: float = 0.0        # where the cosine ends (ThinkDiff's aligners: 8e-5)
+    warmup: int = 100          # steps of linear warm-up from 0 (ThinkDiff's aligners: 2,000)
+    weight_decay: float = 0.0  # AdamW's, on 2-D+ weights only (ThinkDiff's aligners: 0.05)
+    grad_clip: float = 1.0     # max global gradient norm; 0: no clipping (ThinkDiff's aligners: 0)
+    ema_decay: float = 0.0     # per-step decay of an exponential moving average of the weights; 0: no EMA
+    ckpt_every: int = 500      # steps between checkpoints; the last step writes one too (ThinkDiff's aligners: 5,000)
+    seed: int = 0              # seeds the generator the loss draws its batches from (ThinkDiff's aligners: 42)
+
+# %% ../nbs/00a_loop.ipynb #7a7e87d5
 @dataclass
 class FitResult:
     "What a training run returns: the per-step losses, the EMA (or None) and the training seconds across resumes."
@@ -43,53 +61,99 @@ class FitResult:
     ema: object
     seconds: float
 
-def fit(model, loss_fn, steps: int, ckpt_path: Path, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.0,
-        ema_decay: float | None = None, ckpt_every: int = 500, seed: int = 0, clip: float | None = 1.0,
-        desc: str = "training", log_csv: Path | None = None, min_lr: float = 0.0):
-    "Train `model` for `steps` on `loss_fn(model, generator)` through accelerate, resuming from `ckpt_path`."
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-    process_state()  # first: without CUDA, the processes of `accelerate launch` join one gloo group
-    accelerator, ckpt_path = Accelerator(), Path(ckpt_path)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-    # linear warm-up, cosine to min_lr; stepped here once per optimiser step (accelerate's wrapper steps once per process)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, steps, min_lr=min_lr)
-    ema = EMAModel(model.parameters(), decay=ema_decay) if ema_decay else None
+# %% ../nbs/00a_loop.ipynb #a6e10b45
+@dataclass
+class FitState:
+    "What a checkpoint holds besides the model: optimiser, LR schedule, EMA, data generator, and the log so far."
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel | None
+    generator: torch.Generator                  # the loss's batches are drawn from it
+    losses: list = field(default_factory=list)  # per step: the mean loss over the global batch
+    lrs: list = field(default_factory=list)     # per step: the learning rate it was taken at
+    step: int = 0                               # optimiser steps done
+    seconds: float = 0.0                        # training seconds of the earlier legs
+
+# %% ../nbs/00a_loop.ipynb #ceff40ba
+def fit_state(model, schedule: Schedule) -> FitState:
+    "A fresh state: AdamW over `param_groups`, warm-up then cosine, the EMA if asked, the seeded data generator."
+    optimizer = torch.optim.AdamW(param_groups(model, schedule.weight_decay), lr=schedule.lr)
+    # linear warm-up, cosine to min_lr; stepped here once per optimiser step (accelerate's wrapper steps once per
+    # process)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, schedule.warmup, schedule.steps,
+                                                            min_lr=schedule.min_lr)
+    ema = EMAModel(model.parameters(), decay=schedule.ema_decay) if schedule.ema_decay else None
     # every process seeds its data generator alike: each draws the same global batch and computes its own share of it
-    g, losses, lrs, start, seconds = torch.Generator().manual_seed(seed), [], [], 0, 0.0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)
-        if len(state["generators"]) != world:
-            raise ValueError(f"{ckpt_path} was written by {len(state['generators'])} processes; resume it with as many, not {world}")
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"]); sched.load_state_dict(state["scheduler"])
-        if ema: ema.load_state_dict(state["ema"])
-        g.set_state(state["generators"][rank]); torch.set_rng_state(state["torch_rngs"][rank])
-        losses, lrs, start, seconds = state["losses"], state["lrs"], state["step"], state["seconds"]
-    wrapped, opt = accelerator.prepare(model, opt)
-    def save(step):
-        generators, torch_rngs = gather_object([g.get_state()]), gather_object([torch.get_rng_state()])  # one per process
-        if accelerator.is_main_process:
-            atomic_torch_save({"model": accelerator.unwrap_model(wrapped).state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema else None, "generators": generators,
-                               "torch_rngs": torch_rngs, "losses": losses, "lrs": lrs, "step": step,
-                               "seconds": seconds + time.time() - t0}, ckpt_path)
-            if log_csv: write_loss_csv(Path(log_csv), losses, lrs)
-        accelerator.wait_for_everyone()
-    wrapped.train()
-    t0 = time.time()
-    for step in (bar := tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not accelerator.is_main_process)):
-        loss = loss_fn(wrapped, g)
-        global_loss = accelerator.reduce(loss.detach(), "mean").item()  # the mean over the global batch (see AlignerBatches)
-        if not math.isfinite(global_loss):
-            raise FloatingPointError(f"{desc}: loss is {global_loss} at step {step}; the last good checkpoint is {ckpt_path}")
-        accelerator.backward(loss)
-        if clip: accelerator.clip_grad_norm_(wrapped.parameters(), clip)
-        lrs.append(sched.get_last_lr()[0])
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        if ema: ema.step(model.parameters())
-        losses.append(global_loss)
-        if step % 20 == 0: bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps: save(step + 1)
+    return FitState(optimizer, scheduler, ema, torch.Generator().manual_seed(schedule.seed))
+
+# %% ../nbs/00a_loop.ipynb #694e3384
+def resume(state: FitState, model, ckpt_path: Path, accelerator):
+    "Load a checkpoint into `model` and `state`, with this process's data generator and torch RNG."
+    saved, rank, world = torch.load(ckpt_path, weights_only=True), accelerator.process_index, accelerator.num_processes
+    if len(saved["generators"]) != world:
+        raise ValueError(f"{ckpt_path} was written by {len(saved['generators'])} processes; "
+                         f"resume it with as many, not {world}")
+    model.load_state_dict(saved["model"]); state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.ema: state.ema.load_state_dict(saved["ema"])
+    state.generator.set_state(saved["generators"][rank]); torch.set_rng_state(saved["torch_rngs"][rank])
+    state.losses, state.lrs, state.step, state.seconds = saved["losses"], saved["lrs"], saved["step"], saved["seconds"]
+
+# %% ../nbs/00a_loop.ipynb #c24c7d8b
+def save_checkpoint(state: FitState,
+                    wrapped,                      # the model as accelerate prepared it
+                    ckpt_path: Path, accelerator,
+                    seconds: float,               # training seconds so far, earlier legs included
+                    log_csv: Path | None = None): # also rewrite this loss log
+    "Write the model, `state` and every process's generator and RNG to `ckpt_path` (the main process), and the log."
+    from accelerate.utils import gather_object
+    generators = gather_object([state.generator.get_state()])  # one per process
+    torch_rngs = gather_object([torch.get_rng_state()])
+    if accelerator.is_main_process:
+        atomic_torch_save({"model": accelerator.unwrap_model(wrapped).state_dict(),
+                           "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                           "ema": state.ema.state_dict() if state.ema else None, "generators": generators,
+                           "torch_rngs": torch_rngs, "losses": state.losses, "lrs": state.lrs, "step": state.step,
+                           "seconds": seconds}, ckpt_path)
+        if log_csv: write_loss_csv(Path(log_csv), state.losses, state.lrs)
+    accelerator.wait_for_everyone()
+
+# %% ../nbs/00a_loop.ipynb #6230290b
+def train_step(state: FitState,
+               model, wrapped,     # the model bare, and as accelerate prepared it (DDP on many processes)
+               loss_fn, accelerator,
+               grad_clip: float,   # max global gradient norm; 0: none
+               where: str):        # the run and its last checkpoint, named by a non-finite loss's error
+    "One optimiser step on this process's share of a global batch; logs the global batch's mean loss and the rate."
+    loss = loss_fn(wrapped, state.generator)
+    global_loss = accelerator.reduce(loss.detach(), "mean").item()  # the global batch's mean (see AlignerBatches)
+    if not math.isfinite(global_loss): raise FloatingPointError(f"{where}: loss is {global_loss} at step {state.step}")
+    accelerator.backward(loss)
+    if grad_clip: accelerator.clip_grad_norm_(wrapped.parameters(), grad_clip)
+    state.lrs.append(state.scheduler.get_last_lr()[0])
+    state.optimizer.step(); state.scheduler.step(); state.optimizer.zero_grad(set_to_none=True)
+    if state.ema: state.ema.step(model.parameters())
+    state.losses.append(global_loss); state.step += 1
+
+# %% ../nbs/00a_loop.ipynb #d39e8dac
+def fit(model, loss_fn,                  # loss_fn(model, generator): this process's share of a global batch's loss
+        schedule: Schedule, ckpt_path: Path,  # resumed from when it exists; written as `schedule` says
+        desc: str = "training",          # the progress bar's label, and the start of errors
+        log_csv: Path | None = None,     # a per-step (step, loss, lr) log, rewritten with every checkpoint
+        ) -> FitResult:
+    "Train `model` for `schedule.steps` on `loss_fn(model, generator)` through accelerate, resuming from `ckpt_path`."
+    from accelerate import Accelerator
+    process_state()  # first: without CUDA, the processes of `accelerate launch` join one gloo group
+    accelerator, ckpt_path, state = Accelerator(), Path(ckpt_path), fit_state(model, schedule)
+    if ckpt_path.exists(): resume(state, model, ckpt_path, accelerator)
+    wrapped, state.optimizer = accelerator.prepare(model, state.optimizer)
+    where = f"{desc} (the last good checkpoint: {ckpt_path})"
+    wrapped.train(); t0 = time.time()
+    for step in (bar := tqdm(range(state.step, schedule.steps), desc=desc, initial=state.step, total=schedule.steps,
+                             disable=not accelerator.is_main_process)):
+        train_step(state, model, wrapped, loss_fn, accelerator, schedule.grad_clip, where)
+        if step % 20 == 0: bar.set_postfix(loss=f"{np.mean(state.losses[-20:]):.4f}")
+        if state.step % schedule.ckpt_every == 0 or state.step == schedule.steps:
+            save_checkpoint(state, wrapped, ckpt_path, accelerator, state.seconds + time.time() - t0, log_csv)
     model.eval()
-    return FitResult(losses, ema, seconds + time.time() - t0)
+    return FitResult(state.losses, state.ema, state.seconds + time.time() - t0)

@@ -13,11 +13,11 @@ from .world import TASKS, atomic_dir, parse_pair, task_prompts
 from .image_decoders import flow_matching_loss
 from .backbones import empty_pooled, load_decoder, load_t5, load_vlm_processor, Profile, to_pixels
 from .backbones import TEXT_LENGTH
-from .loop import atomic_torch_save, fit
+from .loop import Schedule, atomic_torch_save, fit
 from .pretrain import caption_table, t5_batch, t5_pairs
 from .features import atomic_write_text
-from .train import (ImageBatches, collate, encoder_states, image_loss_metrics, make_example, t5_space_agreement,
-                                train_aligner)
+from .train import (ALIGNER_SCHEDULE, AlignerTraining, ImageBatches, collate, encoder_states,
+                                image_loss_metrics, make_example, t5_space_agreement, train_aligner)
 from .methods import ALIGNER_METHODS, aligner_method
 from .inference import ThinkDiff, conditioning, read_back, respond
 from .judges import load_cobsat_judge
@@ -27,8 +27,8 @@ from .cobsat import evaluate
 __all__ = ['BACKBONE_CHANGES', 'TRIAL_ALIGNERS', 'TRIAL_METHODS', 'uneven_final_norm', 'scaled_state_negatives',
            'aligner_negatives', 'fine_tune_t5_decoder', 'decoder_negatives', 't5_inversions', 'fine_tune_image_decoder',
            'decoder_reads_inversions', 'principal_projection', 'readers_in_subspace', 'change_backbones',
-           'save_backbones', 'variant_profile', 'in_context_decoding', 'trial_backbones', 'trial_aligners',
-           'premise_metrics', 'premise_trial']
+           'save_backbones', 'variant_profile', 'in_context_decoding', 'PremiseTrial', 'trial_aligner_training',
+           'trial_backbones', 'trial_aligners', 'premise_metrics', 'premise_trial']
 
 # %% ../nbs/02f_premise_trials.ipynb #d80a36d2
 def uneven_final_norm(t5, transformer, sigma: float = 1.0, seed: int = 0) -> dict:
@@ -49,11 +49,13 @@ def scaled_state_negatives(states, mask, g: torch.Generator, rng: random.Random)
     k = 1.5 + 2 * torch.rand(len(states), 1, 1, generator=g)  # (B, 1, 1)
     return states * k + torch.randn(states.shape, generator=g) * states.std() * 0.5, mask
 
+# %% ../nbs/02f_premise_trials.ipynb #3def08b4
 def aligner_negatives(aligner, cache, vlm_tokenizer, t5_tokenizer):
     "A negative maker: a trained aligner's tokens of random training answers, split at random as in masked training."
     def negatives(states, mask, g: torch.Generator, rng: random.Random):
         idx = torch.randint(len(cache), (len(states),), generator=g).tolist()
-        features, neg_mask, _ = collate([make_example(cache[i], "thinkdiff", rng, vlm_tokenizer) for i in idx], t5_tokenizer)
+        features, neg_mask, _ = collate([make_example(cache[i], "thinkdiff", rng, vlm_tokenizer) for i in idx],
+                                        t5_tokenizer)
         with torch.no_grad(): return aligner(features.to(aligner.device)), neg_mask  # (B, S, d), (B, S)
     return negatives
 
@@ -61,35 +63,44 @@ def aligner_negatives(aligner, cache, vlm_tokenizer, t5_tokenizer):
 def fine_tune_t5_decoder(t5, tokenizer, steps: int, ckpt_path,
                          loss_on_states,  # (model, states (B, L, d), mask (B, L), labels (B, T), generator, rng) -> loss
                          lr: float = 5e-4, batch_size: int = 64, seed: int = 0, desc: str = "T5 decoder") -> dict:
-    "Fine-tune T5's decoder side alone, resumably, on the mini T5's pretraining pairs; the encoder and shared embedding stay frozen."
+    ("Fine-tune T5's decoder side alone, resumably, on the mini T5's pretraining pairs; the encoder and shared "
+     "embedding stay frozen.")
     for name, p in t5.named_parameters(): p.requires_grad = name.startswith("decoder.") or name == "lm_head.weight"
     def loss(model, g):
         rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))
         ids, mask, labels = t5_batch(tokenizer, t5_pairs(rng, batch_size))
-        with torch.no_grad(): states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
+        # (B, L, d)
+        with torch.no_grad(): states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         return loss_on_states(model, states, mask, labels, g, rng)
-    run = fit(t5, loss, steps, Path(ckpt_path), lr=lr, warmup=min(50, steps // 10), ckpt_every=min(steps, 500), seed=seed, desc=desc)
+    schedule = Schedule(steps=steps, lr=lr, warmup=min(50, steps // 10), ckpt_every=min(steps, 500), seed=seed)
+    run = fit(t5, loss, schedule, Path(ckpt_path), desc=desc)  # clipped at 1, fit's default
     t5.eval().requires_grad_(False)
     return {"decoder_steps": steps, "decoder_final_loss": float(np.mean(run.losses[-50:]))}
 
-def decoder_negatives(t5, tokenizer, steps: int, ckpt_path, negatives,  # negatives: (states, mask, g, rng) -> (states, mask)
+# %% ../nbs/02f_premise_trials.ipynb #685800da
+def decoder_negatives(t5, tokenizer, steps: int, ckpt_path,
+                      negatives,  # negatives: (states, mask, g, rng) -> (states, mask)
                       lr: float = 5e-4, batch_size: int = 64, seed: int = 0) -> dict:
-    "Fine-tune T5's decoder, resumably, to write its pretraining targets for encoder states and `</s>` alone for `negatives`."
+    ("Fine-tune T5's decoder, resumably, to write its pretraining targets for encoder states and `</s>` alone for "
+     "`negatives`.")
     def real_and_negative(model, states, mask, labels, g, rng):
         real = model(encoder_outputs=(states,), attention_mask=mask, labels=labels).loss
         neg_states, neg_mask = negatives(states, mask, g, rng)
         nothing = tokenizer([""] * len(neg_states), return_tensors="pt").input_ids  # (B, 1): </s> alone
         return real + model(encoder_outputs=(neg_states,), attention_mask=neg_mask, labels=nothing).loss
-    return fine_tune_t5_decoder(t5, tokenizer, steps, ckpt_path, real_and_negative, lr, batch_size, seed, "T5 decoder with negatives")
+    return fine_tune_t5_decoder(t5, tokenizer, steps, ckpt_path, real_and_negative, lr, batch_size, seed,
+                                "T5 decoder with negatives")
 
 # %% ../nbs/02f_premise_trials.ipynb #152f2107
 def _rms_normed(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     "T5's RMSNorm (no centring, eps 1e-6) of inputs (B, L, d) with a weight (d,)."
     return weight * z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
 
+# %% ../nbs/02f_premise_trials.ipynb #32d4b9b1
 def t5_inversions(t5, tokenizer, texts: list[str], per_text: int = 2, steps: int = 150, lr: float = 0.1, seed: int = 0,
                   batch_size: int = 512) -> torch.Tensor:
-    "Inputs (len(texts) * per_text, TEXT_LENGTH, d), each text's `per_text` in a row, that the frozen T5 decoder reads as the text."
+    ("Inputs (len(texts) * per_text, TEXT_LENGTH, d), each text's `per_text` in a row, that the frozen T5 decoder "
+     "reads as the text.")
     g, weight = torch.Generator().manual_seed(seed), t5.encoder.final_layer_norm.weight.detach()
     targets, found = [t for t in texts for _ in range(per_text)], []
     for i in tqdm(range(0, len(targets), batch_size), desc="T5 inversions"):
@@ -111,25 +122,31 @@ def fine_tune_image_decoder(transformer, images: np.ndarray,  # uint8 (N, H, W, 
                             pooled: torch.Tensor,              # (1, d): the pooled input of every prompt
                             steps: int, ckpt_path, lr: float = 3e-4, batch_size: int = 64, caption_dropout: float = 0.1,
                             ema_decay: float = 0.999, seed: int = 0, desc: str = "image decoder") -> dict:
-    "Fine-tune the image decoder, resumably, by flow matching as it was pretrained, a share of rows dropped to the empty prompt; keeps the EMA."
+    ("Fine-tune the image decoder, resumably, by flow matching as it was pretrained, a share of rows dropped to the "
+     "empty prompt; keeps the EMA.")
     pixels = to_pixels(images)  # (N, 3, H, W)
     def loss(decoder, g):
         idx = torch.randint(len(images), (batch_size,), generator=g)
         rows = torch.where(torch.rand(batch_size, generator=g) < caption_dropout, 0, caption_ids[idx])
         return flow_matching_loss(decoder, pixels[idx], conditions(rows, g), pooled.expand(batch_size, -1), generator=g)
     transformer.train().requires_grad_(True)
-    run = fit(transformer, loss, steps, Path(ckpt_path), lr=lr, warmup=min(50, steps // 10), ckpt_every=min(steps, 500),
-              ema_decay=ema_decay, seed=seed, desc=desc)
+    schedule = Schedule(steps=steps, lr=lr, warmup=min(50, steps // 10), ckpt_every=min(steps, 500),
+                        ema_decay=ema_decay, seed=seed)
+    run = fit(transformer, loss, schedule, Path(ckpt_path), desc=desc)  # clipped at 1, fit's default
     run.ema.copy_to(transformer.parameters())
     transformer.eval().requires_grad_(False)
     return {"decoder_steps": steps, "decoder_final_loss": float(np.mean(run.losses[-100:]))}
 
+# %% ../nbs/02f_premise_trials.ipynb #48ebc184
 def decoder_reads_inversions(transformer, t5, tokenizer,
                              images: np.ndarray,   # uint8 (N, H, W, 3), as `load_bank` returns them
                              captions: list[str],  # one per image
-                             steps: int, ckpt_path, per_caption: int = 2, inversion_share: float = 0.5, lr: float = 3e-4,
-                             batch_size: int = 64, caption_dropout: float = 0.1, ema_decay: float = 0.999, seed: int = 0) -> dict:
-    "Fine-tune the image decoder, resumably, on its captions' T5 states and, for `inversion_share` of them, their T5 inversions."
+                             steps: int, ckpt_path, per_caption: int = 2, inversion_share: float = 0.5,
+                             lr: float = 3e-4,
+                             batch_size: int = 64, caption_dropout: float = 0.1, ema_decay: float = 0.999,
+                             seed: int = 0) -> dict:
+    ("Fine-tune the image decoder, resumably, on its captions' T5 states and, for `inversion_share` of them, their T5 "
+     "inversions.")
     ckpt_path = Path(ckpt_path)
     caption_ids, table, _ = caption_table(t5, tokenizer, captions)  # (N,), (U, TEXT_LENGTH, d): row 0 the empty prompt
     texts = [""] + sorted(set(captions) - {""})                     # the table's rows
@@ -142,7 +159,8 @@ def decoder_reads_inversions(transformer, t5, tokenizer,
         cond = table[rows].clone()  # (B, TEXT_LENGTH, d)
         cond[swap] = inversions[rows[swap] - 1, k[swap]]
         return cond
-    result = fine_tune_image_decoder(transformer, images, caption_ids, with_inversions, empty_pooled(t5, tokenizer), steps, ckpt_path,
+    result = fine_tune_image_decoder(transformer, images, caption_ids, with_inversions, empty_pooled(t5, tokenizer),
+                                     steps, ckpt_path,
                                      lr, batch_size, caption_dropout, ema_decay, seed, "image decoder reads inversions")
     return {**result, "inversions": len(inversions) * per_caption}
 
@@ -150,33 +168,45 @@ def decoder_reads_inversions(transformer, t5, tokenizer,
 def principal_projection(states: torch.Tensor,  # (N, d) encoder states
                          k: int) -> torch.Tensor:
     "The (d, d) orthogonal projection onto the top-k uncentred principal directions of `states`."
-    if not 0 < k <= states.shape[-1]: raise ValueError(f"a subspace of rank {k} does not fit {states.shape[-1]}-wide states")
+    if not 0 < k <= states.shape[-1]: raise ValueError(f"a subspace of rank {k} does not fit {states.shape[-1]}-wide "
+                                                       "states")
     _, vectors = torch.linalg.eigh(states.double().T @ states.double())  # eigenvalues ascending
     top = vectors[:, -k:].float()  # (d, k)
     return top @ top.T
 
+# %% ../nbs/02f_premise_trials.ipynb #9476f776
 def readers_in_subspace(t5, tokenizer, transformer, images: np.ndarray, captions: list[str], steps: int, out_dir,
                         subspace_rank: int = 16,  # k: dimensions of the encoder's subspace that the readers keep
                         t5_lr: float = 5e-4, lr: float = 3e-4, batch_size: int = 64, seed: int = 0) -> dict:
-    "Fine-tune the T5 decoder and the image decoder on projected encoder states, then fold the projection into their input weights."
+    ("Fine-tune the T5 decoder and the image decoder on projected encoder states, then fold the projection into their "
+     "input weights.")
     out_dir = Path(out_dir)
     caption_ids, table, _ = caption_table(t5, tokenizer, captions)  # (N,), (U, TEXT_LENGTH, d): row 0 the empty prompt
     P = principal_projection(table.flatten(0, 1), subspace_rank)              # (d, d)
-    def projected(model, states, mask, labels, g, rng): return model(encoder_outputs=(states @ P,), attention_mask=mask, labels=labels).loss
-    text = fine_tune_t5_decoder(t5, tokenizer, steps, out_dir / "t5_ckpt.pt", projected, t5_lr, batch_size, seed, "T5 decoder reads the subspace")
-    image = fine_tune_image_decoder(transformer, images, caption_ids, lambda rows, g: table[rows] @ P, empty_pooled(t5, tokenizer) @ P,
-                                    steps, out_dir / "decoder_ckpt.pt", lr, batch_size, seed=seed, desc="image decoder reads the subspace")
-    with torch.no_grad():  # trained on P x, a reader with weight W computes W P x = (W P) x: P goes into its input columns
-        readers = [m for block in t5.decoder.block for m in (block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v)]
+    def projected(model, states, mask, labels, g, rng): return model(encoder_outputs=(states @ P,),
+                                                                     attention_mask=mask, labels=labels).loss
+    text = fine_tune_t5_decoder(t5, tokenizer, steps, out_dir / "t5_ckpt.pt", projected, t5_lr, batch_size, seed,
+                                "T5 decoder reads the subspace")
+    image = fine_tune_image_decoder(transformer, images, caption_ids, lambda rows, g: table[rows] @ P,
+                                    empty_pooled(t5, tokenizer) @ P,
+                                    steps, out_dir / "decoder_ckpt.pt", lr, batch_size, seed=seed,
+                                    desc="image decoder reads the subspace")
+    # trained on P x, a reader with weight W computes W P x = (W P) x: P goes into its input columns
+    with torch.no_grad():
+        readers = [m for block in t5.decoder.block for m in (block.layer[1].EncDecAttention.k,
+                                                             block.layer[1].EncDecAttention.v)]
         for linear in readers + [transformer.context_embedder, transformer.time_text_embed.text_embedder.linear_1]:
             linear.weight.copy_(linear.weight @ P)
     return {"subspace_rank": subspace_rank, "energy_in_subspace": float((table @ P).pow(2).sum() / table.pow(2).sum()),
-            "t5_decoder_final_loss": text["decoder_final_loss"], "image_decoder_final_loss": image["decoder_final_loss"]}
+            "t5_decoder_final_loss": text["decoder_final_loss"],
+            "image_decoder_final_loss": image["decoder_final_loss"]}
 
 # %% ../nbs/02f_premise_trials.ipynb #f937ca76
-BACKBONE_CHANGES = ("premise-broken", "decoder-negatives-scaled", "decoder-negatives-aligner", "uneven-norm", "reads-inversions",
+BACKBONE_CHANGES = ("premise-broken", "decoder-negatives-scaled", "decoder-negatives-aligner", "uneven-norm",
+                    "reads-inversions",
                     "readers-in-subspace")
-_NEEDS = {"decoder-negatives-aligner": ("wayward_aligner", "cache", "vlm_tokenizer"), "reads-inversions": ("bank",), "readers-in-subspace": ("bank",)}
+_NEEDS = {"decoder-negatives-aligner": ("wayward_aligner", "cache", "vlm_tokenizer"), "reads-inversions": ("bank",),
+          "readers-in-subspace": ("bank",)}
 
 def change_backbones(change: str, t5, tokenizer, transformer, out_dir, steps: int,
                      bank=None,             # reads-inversions, readers-in-subspace: (uint8 images (N, H, W, 3), captions)
@@ -187,22 +217,28 @@ def change_backbones(change: str, t5, tokenizer, transformer, out_dir, steps: in
                      subspace_rank: int = 16,  # readers-in-subspace: dimensions of the encoder states the readers keep
                      seed: int = 0) -> dict:
     "Apply the change called `change` to a T5 and an image decoder in place; returns what it did."
-    if change not in BACKBONE_CHANGES: raise ValueError(f"unknown backbone change {change!r}; changes are {BACKBONE_CHANGES}")
+    if change not in BACKBONE_CHANGES: raise ValueError(f"unknown backbone change {change!r}; changes are "
+                                                        f"{BACKBONE_CHANGES}")
     given = {"bank": bank, "wayward_aligner": wayward_aligner, "cache": cache, "vlm_tokenizer": vlm_tokenizer}
     missing = [k for k in _NEEDS.get(change, ()) if given[k] is None]
     if missing: raise ValueError(f"backbone change {change!r} needs {', '.join(missing)}")
     ckpt = Path(out_dir) / ("decoder_ckpt.pt" if change == "reads-inversions" else "t5_ckpt.pt")
     if change == "uneven-norm": return uneven_final_norm(t5, transformer, sigma, seed)
-    if change == "decoder-negatives-scaled": return decoder_negatives(t5, tokenizer, steps, ckpt, scaled_state_negatives, seed=seed)
+    if change == "decoder-negatives-scaled": return decoder_negatives(t5, tokenizer, steps, ckpt,
+                                                                      scaled_state_negatives, seed=seed)
     if change == "decoder-negatives-aligner":
-        return decoder_negatives(t5, tokenizer, steps, ckpt, aligner_negatives(wayward_aligner, cache, vlm_tokenizer, tokenizer), seed=seed)
-    if change == "reads-inversions": return decoder_reads_inversions(transformer, t5, tokenizer, *bank, steps, ckpt, seed=seed)
-    if change == "readers-in-subspace": return readers_in_subspace(t5, tokenizer, transformer, *bank, steps, out_dir, subspace_rank, seed=seed)
+        return decoder_negatives(t5, tokenizer, steps, ckpt,
+                                 aligner_negatives(wayward_aligner, cache, vlm_tokenizer, tokenizer), seed=seed)
+    if change == "reads-inversions": return decoder_reads_inversions(transformer, t5, tokenizer, *bank, steps, ckpt,
+                                                                     seed=seed)
+    if change == "readers-in-subspace": return readers_in_subspace(t5, tokenizer, transformer, *bank, steps, out_dir,
+                                                                   subspace_rank, seed=seed)
     return {}  # premise-broken
 
 # %% ../nbs/02f_premise_trials.ipynb #c2cc8361
 def save_backbones(t5, tokenizer, transformer, folder) -> tuple[Path, Path]:
-    "Write a T5 with its tokenizer and an image decoder to `folder`/t5 and `folder`/decoder, the folder made by one rename."
+    ("Write a T5 with its tokenizer and an image decoder to `folder`/t5 and `folder`/decoder, the folder made by one "
+     "rename.")
     folder = Path(folder)
     if folder.exists(): raise FileExistsError(f"{folder} exists; remove it or choose another folder")
     tmp = atomic_dir(folder)
@@ -210,6 +246,7 @@ def save_backbones(t5, tokenizer, transformer, folder) -> tuple[Path, Path]:
     os.replace(tmp, folder)
     return folder / "t5", folder / "decoder"
 
+# %% ../nbs/02f_premise_trials.ipynb #42256913
 def variant_profile(profile: Profile, name: str, t5_folder, decoder_folder, aligners: dict) -> Profile:
     "`profile` reading changed backbones and its own aligners ({name: folder}); the VLM and judge stay the profile's."
     return dataclasses.replace(profile, name=name, t5=str(t5_folder), decoder=str(decoder_folder),
@@ -224,53 +261,89 @@ def in_context_decoding(td: ThinkDiff, t5, tokenizer, method: str = "thinkdiff",
     right = []
     for task in tqdm(TASKS, desc=f"T5 reads the {method} tokens", leave=False):
         prompts = task_prompts(task, shot, n_prompts)
-        tokens = conditioning(td, method, prompts, respond(td, prompts, n_tokens, seed=seed + task.id))[0]  # (B, n_tokens, d)
+        # (B, n_tokens, d)
+        tokens = conditioning(td, method, prompts, respond(td, prompts, n_tokens, seed=seed + task.id))[0]
         right += [parse_pair(text, task.theme) == tuple(p.target)
                   for p, text in zip(prompts, read_back(t5, tokenizer, tokens, max_new_tokens=n_tokens))]
     return float(np.mean(right))
 
+# %% ../nbs/02f_premise_trials.ipynb #a5a33198
+@dataclasses.dataclass(frozen=True)
+class PremiseTrial:
+    "How a row of the findings is made: the backbone change's fine-tuning, the three aligners' training, the measures."
+    backbone_steps: int = 1500    # fine-tuning steps of the changes that train (decoder-negatives-*, reads-inversions,
+                                  # readers-in-subspace)
+    sigma: float = 1.0            # uneven-norm: the scale s = exp(sigma * N(0, 1)) per dimension
+    subspace_rank: int = 16       # readers-in-subspace: dimensions of the encoder states both decoders keep
+    aligner_steps: int = 3000     # each aligner's training steps (make reproduce's mini aligners: 3,000)
+    aligner_batch_size: int = 64  # the aligners' global batch, also the flow loss's (params/train_mini.yaml: 64)
+    aligner_lr: float = 3e-3      # the aligners' peak learning rate (params/train_mini.yaml: 3e-3)
+    eval_batches: int = 16        # held-out batches of the aligners' read-back and of the flow loss
+    shots: tuple = (2,)           # CoBSAT shots
+    n_prompts: int = 50           # CoBSAT prompts per task and shot
+    sample_steps: int = 12        # the image decoder's sampling steps per CoBSAT image
+    seed: int = 0                 # seeds the change, the aligners, the measures and CoBSAT
+
+# %% ../nbs/02f_premise_trials.ipynb #f7389fc9
+def trial_aligner_training(trial: PremiseTrial) -> AlignerTraining:
+    "03_train's mini recipe at the trial's steps, batch and rate: T5-initialised norm, decay 0.05, clipped at 1."
+    steps = trial.aligner_steps
+    schedule = dataclasses.replace(ALIGNER_SCHEDULE, steps=steps, lr=trial.aligner_lr, warmup=min(100, steps // 10),
+                                   ckpt_every=min(steps, 1000), seed=trial.seed,
+                                   grad_clip=1.0)  # as params/train_mini.yaml
+    return AlignerTraining(norm="t5", batch_size=trial.aligner_batch_size, eval_batches=trial.eval_batches,
+                           schedule=schedule)
+
 # %% ../nbs/02f_premise_trials.ipynb #475dff5c
 def _write_json(path: Path, obj): atomic_write_text(path, json.dumps(obj, indent=1))
 
+# %% ../nbs/02f_premise_trials.ipynb #ada8ca99
 def trial_backbones(change: str, profile: Profile, out_dir, steps: int, **inputs) -> tuple[Profile, dict]:
-    "A profile of `profile`'s backbones changed by `change` and saved under `out_dir`/backbones once, and what the change did."
+    ("A profile of `profile`'s backbones changed by `change` and saved under `out_dir`/backbones once, and what the "
+     "change did.")
     out_dir = Path(out_dir); folder = out_dir / "backbones"
     if not folder.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         t5, tokenizer = load_t5(profile); transformer = load_decoder(profile)
-        info = change_backbones(change, t5, tokenizer, transformer, out_dir, steps, **inputs)  # inputs: see change_backbones
-        _write_json(out_dir / "change.json", {"change": change, **info, "norm_weight_std": float(t5.encoder.final_layer_norm.weight.std())})
+        # inputs: see change_backbones
+        info = change_backbones(change, t5, tokenizer, transformer, out_dir, steps, **inputs)
+        _write_json(out_dir / "change.json",
+                    {"change": change, **info, "norm_weight_std": float(t5.encoder.final_layer_norm.weight.std())})
         save_backbones(t5, tokenizer, transformer, folder)
     info = json.loads((out_dir / "change.json").read_text())
-    if info["change"] != change: raise ValueError(f"{folder} holds the backbones of change {info['change']!r}, not {change!r}")
+    if info["change"] != change: raise ValueError(f"{folder} holds the backbones of change {info['change']!r}, not "
+                                                  f"{change!r}")
     return variant_profile(profile, f"{profile.name}-{change}", folder / "t5", folder / "decoder", {}), info
 
 # %% ../nbs/02f_premise_trials.ipynb #e373130a
 TRIAL_ALIGNERS = [m for m, a in ALIGNER_METHODS.items() if a.loss == "t5-decoder"]  # ThinkDiff and its two ablations
 
+# %% ../nbs/02f_premise_trials.ipynb #2aa57f77
 def trial_aligners(profile: Profile, caches: dict,  # {"train", "validation"}: FeatureCaches of the profile's VLM
-                   out_dir, steps: int, batch_size: int = 64, lr: float = 3e-3, eval_batches: int = 16, seed: int = 0) -> tuple[dict, dict]:
+                   out_dir, training: AlignerTraining,  # the recipe; each of TRIAL_ALIGNERS replaces its method
+                   ) -> tuple[dict, dict]:
     "Train (or find) the three aligners through a profile's T5 decoder: {method: folder}, {method: held-out read-back}."
     t5, tokenizer = load_t5(profile, encoder=False)
     vlm_tokenizer, folders, heldout = load_vlm_processor(profile).tokenizer, {}, {}
     for name in TRIAL_ALIGNERS:
         folder = Path(out_dir) / f"aligner-{name}"
         if not (folder / "heldout.json").exists():
-            _, _, metrics = train_aligner(caches["train"], caches["validation"], t5, tokenizer, vlm_tokenizer, profile.t5, folder,
-                                          method=name, norm="t5", steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10),
-                                          ckpt_every=min(steps, 1000), eval_batches=eval_batches, seed=seed,
-                                          grad_clip=1.0)  # as 03_train's mini runs (params/train_mini.yaml)
+            _, _, metrics = train_aligner(caches["train"], caches["validation"], t5, tokenizer, vlm_tokenizer,
+                                          profile.t5, folder,
+                                          dataclasses.replace(training, method=name))
             _write_json(folder / "heldout.json", metrics)
         folders[name], heldout[name] = folder / "aligner", json.loads((folder / "heldout.json").read_text())
     return folders, heldout
 
 # %% ../nbs/02f_premise_trials.ipynb #8cb02287
-TRIAL_METHODS = ("thinkdiff", "no-masking", "input-tokens", "oracle")  # CoBSAT methods of a trial; vlm-text comes with them
+# CoBSAT methods of a trial; vlm-text comes with them
+TRIAL_METHODS = ("thinkdiff", "no-masking", "input-tokens", "oracle")
 
 def premise_metrics(td: ThinkDiff, caches: dict, source,  # source: the image-caption source of the validation cache
                     out_dir, shots=(2,), n_prompts: int = 50, sample_steps: int = 12, batch_size: int = 64,
                     eval_batches: int = 16, seed: int = 0) -> dict:
-    "The premise measured for a ThinkDiff whose aligners were trained through its profile's T5, and its CoBSAT both-right."
+    ("The premise measured for a ThinkDiff whose aligners were trained through its profile's T5, and its CoBSAT "
+     "both-right.")
     t5, tokenizer = load_t5(td.profile)  # the T5 the aligners were trained against, encoder included
     thinkdiff = td.aligners["thinkdiff"]
     space = t5_space_agreement(thinkdiff, encoder_states(t5, tokenizer), td.processor.tokenizer, caches["validation"])
@@ -278,7 +351,8 @@ def premise_metrics(td: ThinkDiff, caches: dict, source,  # source: the image-ca
     empty = td.decoder.encode_prompt([""])[0]  # (1, L, d)
     flow = {k: image_loss_metrics(c, td.decoder, images, eval_batches, seed + 1)["flow_loss"]
             for k, c in (("aligned", thinkdiff), ("empty", lambda f: empty.expand(len(f), -1, -1)))}
-    records = evaluate(td, {"mini": load_cobsat_judge(td.profile, "mini")}, Path(out_dir) / "cobsat", shots=tuple(shots),
+    records = evaluate(td, {"mini": load_cobsat_judge(td.profile, "mini")}, Path(out_dir) / "cobsat",
+                       shots=tuple(shots),
                        n_prompts=n_prompts, methods=TRIAL_METHODS, steps=sample_steps, seed=seed)
     both = records.groupby(["method", "shot"])["both"].mean()
     return {"t5_cosine": space["cosine"], "t5_affine_r2": space["affine_r2"], "aligned_rms": space.get("aligned_rms"),
@@ -289,25 +363,26 @@ def premise_metrics(td: ThinkDiff, caches: dict, source,  # source: the image-ca
 
 # %% ../nbs/02f_premise_trials.ipynb #d607e64f
 def premise_trial(change: str, profile: Profile, caches: dict,  # caches: {"train", "validation"} of the profile's VLM
-                  source,                                         # the image-caption source of the validation cache
-                  out_dir, backbone_steps: int = 1500, aligner_steps: int = 3000, aligner_batch_size: int = 64,
-                  aligner_lr: float = 3e-3, shots=(2,), n_prompts: int = 50, sample_steps: int = 12, eval_batches: int = 16,
-                  bank=None,             # reads-inversions, readers-in-subspace: (uint8 images (N, H, W, 3), captions) the image decoder trains on
+                  source,                             # the image-caption source of the validation cache
+                  out_dir,                            # the trial's folder: backbones/, aligner-*/, cobsat/, row.json
+                  trial: PremiseTrial | None = None,  # None: PremiseTrial()
+                  bank=None,             # reads-inversions, readers-in-subspace: (uint8 images (N, H, W, 3), captions)
                   wayward_aligner=None,  # decoder-negatives-aligner: the aligner whose tokens are the negatives
-                  sigma: float = 1.0,      # uneven-norm: s = exp(sigma * N(0, 1))
-                  subspace_rank: int = 16,  # readers-in-subspace: dimensions of the encoder states the readers keep
-                  seed: int = 0) -> dict:
-    "One row of the findings: a backbone change, ThinkDiff's three aligners trained through the changed T5 decoder, the premise measured."
-    out_dir = Path(out_dir); row_file = out_dir / "row.json"
+                  ) -> dict:
+    "A row of the findings: a backbone change, the three aligners trained through the changed T5, the premise measured."
+    out_dir, trial = Path(out_dir), trial or PremiseTrial(); row_file = out_dir / "row.json"
     if row_file.exists(): return json.loads(row_file.read_text())
     start = time.time(); out_dir.mkdir(parents=True, exist_ok=True)
-    changed, info = trial_backbones(change, profile, out_dir, backbone_steps, bank=bank, wayward_aligner=wayward_aligner,
-                                    cache=caches["train"], vlm_tokenizer=load_vlm_processor(profile).tokenizer, sigma=sigma,
-                                    subspace_rank=subspace_rank, seed=seed)
-    folders, heldout = trial_aligners(changed, caches, out_dir, aligner_steps, aligner_batch_size, aligner_lr, eval_batches, seed)
+    changed, info = trial_backbones(change, profile, out_dir, trial.backbone_steps, bank=bank,
+                                    wayward_aligner=wayward_aligner, cache=caches["train"],
+                                    vlm_tokenizer=load_vlm_processor(profile).tokenizer, sigma=trial.sigma,
+                                    subspace_rank=trial.subspace_rank, seed=trial.seed)
+    folders, heldout = trial_aligners(changed, caches, out_dir, trial_aligner_training(trial))
     td = ThinkDiff.load(dataclasses.replace(changed, aligners={k: str(v) for k, v in folders.items()}), folders)
-    row = {"change": change, "norm_weight_std": info["norm_weight_std"],
-           **premise_metrics(td, caches, source, out_dir, shots, n_prompts, sample_steps, aligner_batch_size, eval_batches, seed),
-           **{f"{k}_heldout_token_accuracy": v["token_accuracy"] for k, v in heldout.items()}, "minutes": (time.time() - start) / 60}
+    measured = premise_metrics(td, caches, source, out_dir, trial.shots, trial.n_prompts, trial.sample_steps,
+                               trial.aligner_batch_size, trial.eval_batches, trial.seed)
+    row = {"change": change, "norm_weight_std": info["norm_weight_std"], **measured,
+           **{f"{k}_heldout_token_accuracy": v["token_accuracy"] for k, v in heldout.items()},
+           "minutes": (time.time() - start) / 60}
     _write_json(row_file, row)
     return row

@@ -24,6 +24,7 @@ __all__ = ['DESCRIPTION_FRAMES', 'is_heldout_text', 'random_caption', 'span_corr
 # %% ../nbs/01b_pretrain.ipynb #74254192
 def is_heldout_text(text: str) -> bool: return zlib.crc32(text.encode()) % 10 == 0
 
+# %% ../nbs/01b_pretrain.ipynb #94618798
 def random_caption(rng: random.Random, heldout: bool = False) -> str:
     "A caption of a random pair of a random theme, from the held-out or the training strings."
     while True:
@@ -31,6 +32,7 @@ def random_caption(rng: random.Random, heldout: bool = False) -> str:
         text = caption(theme, rng.choice(theme.subjects), rng.choice(theme.attributes), rng)
         if is_heldout_text(text) == heldout: return text
 
+# %% ../nbs/01b_pretrain.ipynb #a8d4c133
 def span_corrupt(words: list[str], rng: random.Random, density: float = 0.15, mean_span: float = 3.0):
     "T5's span corruption of a word list: (input text, target text)."
     n_noise = max(1, round(len(words) * density))
@@ -45,11 +47,13 @@ def span_corrupt(words: list[str], rng: random.Random, density: float = 0.15, me
     inp += words[i:]
     return " ".join(inp), " ".join(tgt)
 
+# %% ../nbs/01b_pretrain.ipynb #b8879407
 def prefix_split(words: list[str], rng: random.Random):
     "(first k words, the rest) for a uniform k in [1, len - 1]."
     k = rng.randint(1, len(words) - 1)
     return " ".join(words[:k]), " ".join(words[k:])
 
+# %% ../nbs/01b_pretrain.ipynb #9426a959
 def t5_pairs(rng: random.Random, n: int, heldout: bool = False, objective: str | None = None):
     "n (source, target, objective) triples mixing both objectives half and half unless `objective` is given."
     out = []
@@ -67,6 +71,7 @@ def t5_batch(tokenizer, pairs, device="cpu"):
     labels[labels == tokenizer.pad_token_id] = -100
     return enc.input_ids.to(device), enc.attention_mask.to(device), labels.to(device)
 
+# %% ../nbs/01b_pretrain.ipynb #fdba1c69
 def t5_loss_fn(tokenizer, batch_size: int = 64):
     "A `fit` loss: one batch of fresh T5 pairs drawn with the loop's generator."
     def loss(t5, g):
@@ -77,18 +82,23 @@ def t5_loss_fn(tokenizer, batch_size: int = 64):
 
 # %% ../nbs/01b_pretrain.ipynb #08cf6fb2
 def span_length_probs(room: int, mean_span: float = 3.0) -> list[float]:
-    "P(length = 1, ..., room) of a `span_corrupt` span with `room` words left: round(Exp(mean_span)), clipped to [1, room]."
+    ("P(length = 1, ..., room) of a `span_corrupt` span with `room` words left: round(Exp(mean_span)), clipped to [1, "
+     "room].")
     cdf = lambda x: 1 - math.exp(-x / mean_span)
     probs = [cdf(1.5)] + [cdf(k + 0.5) - cdf(k - 0.5) for k in range(2, room)]
     return probs + [1 - sum(probs)] if room > 1 else [1.0]
 
+# %% ../nbs/01b_pretrain.ipynb #9f17afae
 def _span_corruptions(words: list[str], density: float, mean_span: float):
     "Every (input, target, probability) that `span_corrupt` makes of a caption short enough for a single span."
-    if round(max(1, round(len(words) * density)) / mean_span) > 1: raise ValueError(f"{' '.join(words)!r} gets several spans")
+    if round(max(1, round(len(words) * density)) / mean_span) > 1: raise ValueError(f"{' '.join(words)!r} gets "
+                                                                                    "several spans")
     for start in range(len(words)):  # a uniform start, then a clipped exponential length
         for length, q in enumerate(span_length_probs(len(words) - start, mean_span), 1):
-            yield " ".join(words[:start] + ["<X>"] + words[start + length:]), " ".join(words[start:start + length]), q / len(words)
+            yield " ".join(words[:start] + ["<X>"]
+                           + words[start + length:]), " ".join(words[start:start + length]), q / len(words)
 
+# %% ../nbs/01b_pretrain.ipynb #0ae0ca6b
 def span_ceiling(density: float = 0.15, mean_span: float = 3.0) -> float:
     "Exact match of the Bayes-optimal answer to `span_corrupt` on held-out captions: the best any T5 can score."
     captions, joint = {}, {}  # caption -> probability under `random_caption`; input -> {target: joint probability}
@@ -109,9 +119,11 @@ def _masks_content(target: str) -> bool:
     "Whether a span-corruption target holds a subject or attribute word (any surface form the world's parser knows)."
     return any(parse_value(target, axis) for axis in AXES)
 
+# %% ../nbs/01b_pretrain.ipynb #846e2715
 @torch.no_grad()
 def t5_metrics(t5, tokenizer, n: int = 1000, seed: int = 12345, batch_size: int = 250) -> dict:
-    "Held-out span-corruption exact match (all, context-determined spans, and its ceiling) and continuation token accuracy."
+    ("Held-out span-corruption exact match (all, context-determined spans, and its ceiling) and continuation token "
+     "accuracy.")
     t5.eval()
     rng, exact, determined, tok_right, tok_total = random.Random(seed), [], [], 0, 0
     for i in range(0, n, batch_size):
@@ -128,7 +140,8 @@ def t5_metrics(t5, tokenizer, n: int = 1000, seed: int = 12345, batch_size: int 
         pred = t5(input_ids=ids, attention_mask=mask, labels=labels).logits.argmax(-1)
         keep = labels != -100
         tok_right += int((pred[keep] == labels[keep]).sum()); tok_total += int(keep.sum())
-    return {"span_exact_match": float(np.mean(exact)), "span_exact_match_context_determined": float(np.mean(determined)),
+    return {"span_exact_match": float(np.mean(exact)),
+            "span_exact_match_context_determined": float(np.mean(determined)),
             "span_share_context_determined": len(determined) / len(exact), "span_exact_match_ceiling": span_ceiling(),
             "continuation_token_accuracy": tok_right / tok_total, "heldout_texts": n}
 
@@ -142,14 +155,17 @@ def augment(pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     x = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.3, blurred, x)
     return (x + torch.randn(x.shape, generator=g) * u(0.0, 0.15)).clamp(-1, 1)
 
+# %% ../nbs/01b_pretrain.ipynb #fd2ab7e9
 def _label_tensors(rows):
     "Per axis: (B,) value indices, -100 where the image's theme does not ask that axis."
     labels = {a: torch.full((len(rows),), -100) for a in AXES}
     for i, r in enumerate(rows):
         t = THEMES[r["theme"]]
-        labels[t.subject_axis][i] = t.subjects.index(r["subject"]); labels[t.attribute_axis][i] = t.attributes.index(r["attribute"])
+        labels[t.subject_axis][i] = t.subjects.index(r["subject"])
+        labels[t.attribute_axis][i] = t.attributes.index(r["attribute"])
     return labels
 
+# %% ../nbs/01b_pretrain.ipynb #479b8a56
 def judge_loss_fn(images: np.ndarray, rows: list[dict], batch_size: int = 128):
     "A `fit` loss: cross-entropy of the asked heads on an augmented random batch."
     pixels, labels = to_pixels(images), _label_tensors(rows)
@@ -160,6 +176,7 @@ def judge_loss_fn(images: np.ndarray, rows: list[dict], batch_size: int = 128):
                    if (labels[a][idx] != -100).any())
     return loss
 
+# %% ../nbs/01b_pretrain.ipynb #8e8040b6
 @torch.no_grad()
 def judge_metrics(judge: Judge, images: np.ndarray, rows: list[dict]) -> dict:
     "Accuracy per axis and both-right per theme on held-out renders."
@@ -179,7 +196,8 @@ def judge_metrics(judge: Judge, images: np.ndarray, rows: list[dict]) -> dict:
 # %% ../nbs/01b_pretrain.ipynb #09673098
 @torch.no_grad()
 def caption_table(t5, tokenizer, captions: list[str], batch_size: int = 512):
-    "(unique-caption index per row (N,), encoded table (U, TEXT_LENGTH, d), tokens per unique caption (U,)), the empty prompt first."
+    ("(unique-caption index per row (N,), encoded table (U, TEXT_LENGTH, d), tokens per unique caption (U,)), the "
+     "empty prompt first.")
     unique = [""] + sorted(set(captions) - {""})
     where = {c: i for i, c in enumerate(unique)}
     table = torch.cat([encode_text(t5, tokenizer, unique[i:i + batch_size], TEXT_LENGTH)
@@ -187,14 +205,17 @@ def caption_table(t5, tokenizer, captions: list[str], batch_size: int = 512):
     lengths = torch.tensor([len(ids) for ids in tokenizer(unique).input_ids])  # with </s>, before padding
     return torch.tensor([where[c] for c in captions]), table, lengths
 
+# %% ../nbs/01b_pretrain.ipynb #41d158a8
 def decoder_loss_fn(images: np.ndarray, caption_ids: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
                     pooled: torch.Tensor, batch_size: int = 64, drop: float = 0.1):
-    "A `fit` loss: flow matching on a random batch, `drop` of captions replaced by the empty prompt, a random pad count."
+    ("A `fit` loss: flow matching on a random batch, `drop` of captions replaced by the empty prompt, a random pad "
+     "count.")
     pixels = to_pixels(images)
     def loss(decoder, g):
         idx = torch.randint(len(images), (batch_size,), generator=g)
         cap = torch.where(torch.rand(batch_size, generator=g) < drop, 0, caption_ids[idx])
-        keep = int(torch.randint(int(lengths[cap].max()), table.shape[1] + 1, (1,), generator=g))  # the batch's longest caption up to all pads
+        # the batch's longest caption up to all pads
+        keep = int(torch.randint(int(lengths[cap].max()), table.shape[1] + 1, (1,), generator=g))
         return flow_matching_loss(decoder, pixels[idx], table[cap, :keep], pooled.expand(batch_size, -1), generator=g)
     return loss
 
@@ -259,7 +280,8 @@ class VLMData:
     def image(self, theme, subject, attribute, rng: random.Random) -> np.ndarray:
         "A bank image of the pair, or a fresh render when the bank has none (small banks)."
         found = self.by_pair.get((theme.name, subject, attribute))
-        return self.images[rng.choice(found)] if found else render(theme, subject, attribute, seed=rng.randrange(2 ** 31))
+        return self.images[rng.choice(found)] if found else render(theme, subject, attribute,
+                                                                   seed=rng.randrange(2 ** 31))
     def description(self, rng: random.Random):
         "(messages, images, answer) for one random image."
         i = rng.randrange(len(self.rows)); r = self.rows[i]
@@ -278,7 +300,8 @@ class VLMData:
 
 # %% ../nbs/01b_pretrain.ipynb #9fa7179a
 def lookahead_targets(labels: torch.Tensor, vocab_size: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "For labels (B, T): the (B, T) mask of states that predict an answer token, and per such state the normalised bag (N, V) of answer tokens from the one it predicts on (EOS left out)."
+    ("For labels (B, T): the (B, T) mask of states that predict an answer token, and per such state the normalised bag "
+     "(N, V) of answer tokens from the one it predicts on (EOS left out).")
     predicts = labels[:, 1:] != -100                                # state t predicts labels[t + 1]
     ids = labels[:, 1:].clamp(min=0)
     counts = F.one_hot(ids, vocab_size).float() * (predicts & (ids != eos_id))[..., None]  # (B, T-1, V)
@@ -287,6 +310,7 @@ def lookahead_targets(labels: torch.Tensor, vocab_size: int, eos_id: int) -> tup
     bags = to_come[rows[:, :-1]]
     return rows, bags / bags.sum(-1, keepdim=True)
 
+# %% ../nbs/01b_pretrain.ipynb #152f046a
 class LookaheadVLM(torch.nn.Module):
     "A VLM with a temporary head on its final-norm states; forward returns next-token loss + `weight` x lookahead KL."
     def __init__(self, vlm, weight: float = 0.5):
@@ -301,6 +325,7 @@ class LookaheadVLM(torch.nn.Module):
         kl = (bags * (torch.log(bags.clamp(min=1e-12)) - log_probs)).sum(-1).mean()
         return out.loss + self.weight * kl
 
+# %% ../nbs/01b_pretrain.ipynb #a1c75def
 def vlm_loss_fn(processor, data: VLMData, batch_size: int = 32, icl_share: float = 0.7, max_images: int = 8):
     "A `fit` loss for a `LookaheadVLM` on a batch mixing in-context and description samples."
     def loss(model, g):
@@ -326,18 +351,21 @@ class VisionProbe(torch.nn.Module):
         flat = tokens.reshape(len(images), -1)  # (B, 16 * d): where a part of the silhouette is stays visible
         return {a: h(flat) for a, h in self.heads.items()}
 
+# %% ../nbs/01b_pretrain.ipynb #5b0af43c
 def vision_loss_fn(images: np.ndarray, rows: list[dict], batch_size: int = 128):
     "A `fit` loss: cross-entropy of the asked heads on a random batch of renders."
     labels = _label_tensors(rows)
     def loss(probe, g):
         idx = torch.randint(len(rows), (batch_size,), generator=g)
         logits = probe(images[idx.numpy()])
-        return sum(F.cross_entropy(logits[a], labels[a][idx], ignore_index=-100) for a in AXES if (labels[a][idx] != -100).any())
+        return sum(F.cross_entropy(logits[a], labels[a][idx], ignore_index=-100) for a in AXES
+                   if (labels[a][idx] != -100).any())
     return loss
 
 # %% ../nbs/01b_pretrain.ipynb #3df6a8ff
 @torch.no_grad()
-def description_accuracy(model, processor, images: np.ndarray, rows: list[dict], batch_size: int = 64, seed: int = 0) -> float:
+def description_accuracy(model, processor, images: np.ndarray, rows: list[dict], batch_size: int = 64,
+                         seed: int = 0) -> float:
     "Share of images whose generated description names subject and attribute right."
     rng, hits = random.Random(seed), []
     for i in tqdm(range(0, len(rows), batch_size), desc="descriptions"):
@@ -347,6 +375,7 @@ def description_accuracy(model, processor, images: np.ndarray, rows: list[dict],
         hits += [parse_pair(a, r["theme"]) == (r["subject"], r["attribute"]) for a, r in zip(answers, chunk)]
     return float(np.mean(hits))
 
+# %% ../nbs/01b_pretrain.ipynb #f1f0196a
 @torch.no_grad()
 def icl_text_accuracy(model, processor, shot: int, n_prompts: int = 1000, batch_size: int = 64, sample: bool = False,
                       seed: int = 0, tasks=None) -> dict:

@@ -22,6 +22,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     device = torch.device(device) if str(device) != "auto" else process_state().device
     return torch.device("cpu") if device.type == "cpu" else device  # gloo ranks report cpu:0; tensors say cpu
 
+# %% ../nbs/00_runtime.ipynb #41f7826e
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
     "`auto`: bfloat16 on a GPU, float32 elsewhere; otherwise one of DTYPES by name."
     if isinstance(dtype, torch.dtype): return dtype
@@ -29,21 +30,25 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     if dtype not in DTYPES: raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {list(DTYPES)}")
     return DTYPES[dtype]
 
+# %% ../nbs/00_runtime.ipynb #89c73a06
 def process_state():
     "accelerate's view of this process (rank, process count, device); without CUDA, launched processes use gloo."
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
+# %% ../nbs/00_runtime.ipynb #d6eafdfb
 def process_share() -> tuple[int, int]:
     "(this process's rank, the number of processes)."
     state = process_state()
     return state.process_index, state.num_processes
 
+# %% ../nbs/00_runtime.ipynb #de459d5d
 def share_of(n: int, share: tuple[int, int] = (0, 1)) -> slice:
     "The rows of a global batch of `n` that process `rank` of `processes` computes: the rank-th of equal parts."
     rank, processes = share
-    if n % processes: raise ValueError(f"a global batch of {n} does not split over {processes} processes; use a multiple of {processes}")
+    if n % processes: raise ValueError(f"a global batch of {n} does not split over {processes} processes; use a "
+                                       f"multiple of {processes}")
     return slice(rank * n // processes, (rank + 1) * n // processes)
 
 # %% ../nbs/00_runtime.ipynb #5a851591
@@ -56,6 +61,7 @@ def project_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     return path if path.is_absolute() else PROJECT_DIR / path
 
+# %% ../nbs/00_runtime.ipynb #56c01037
 def recorded_path(path: str | Path) -> str:
     "How a metrics file names a path: relative to the project folder when inside it (a clone elsewhere reads the same)."
     path = Path(path)
@@ -71,6 +77,7 @@ def checkpoint_file(path_or_id: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
     return Path(hf_hub_download(path_or_id, filename))
 
+# %% ../nbs/00_runtime.ipynb #10f284f2
 def weight_files(path_or_id: str) -> dict[str, Path]:
     "Tensor name -> the safetensors file that holds it, for a sharded (indexed) or single-file checkpoint."
     from huggingface_hub.errors import EntryNotFoundError
@@ -82,13 +89,16 @@ def weight_files(path_or_id: str) -> dict[str, Path]:
     if not file.exists(): raise FileNotFoundError(f"no {SAFETENSORS_INDEX} or model.safetensors in {path_or_id}")
     with safe_open(str(file), framework="pt") as f: return {k: file for k in f.keys()}
 
+# %% ../nbs/00_runtime.ipynb #faf6d587
 def read_tensor(file: Path, name: str, dtype=torch.float32, device="cpu", chunk_bytes: int = 1 << 24) -> torch.Tensor:
-    "One tensor of a safetensors file, in `dtype` on `device`, read in chunks of rows so host memory holds one chunk more than it."
+    ("One tensor of a safetensors file, in `dtype` on `device`, read in chunks of rows so host memory holds one chunk "
+     "more than it.")
     with safe_open(str(file), framework="pt") as f: shape = f.get_slice(name).get_shape()
     out = torch.empty(shape, dtype=dtype, device=device)
     step = max(1, chunk_bytes // (4 * math.prod(shape[1:])))  # rows per chunk, counted at float32
     for i in range(0, shape[0], step):
-        with safe_open(str(file), framework="pt") as f:  # mapped only while read, so the file's pages leave memory again
+        # mapped only while read, so the file's pages leave memory again
+        with safe_open(str(file), framework="pt") as f:
             out[i:i + step] = f.get_slice(name)[i:i + step]
     return out
 

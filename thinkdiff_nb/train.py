@@ -5,6 +5,7 @@
 # %% ../nbs/02c_training.ipynb #d3244066
 from __future__ import annotations
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -16,17 +17,17 @@ from .backbones import prepare_image, to_pixels
 from .image_decoders import ImageDecoder
 from .aligner import Aligner, apply_readout, fit_readout, t5_aligner
 from .features import FeatureCache, cache_complete, extract_features
-from .loop import fit
+from .loop import Schedule, fit
 from .methods import aligner_method
 from .data import open_image_captions
 from .world import write_image_caption_set
 
 # %% auto #0
-__all__ = ['split_point', 'make_example', 'collate', 'label_tokens', 'AlignerBatches', 't5_logits', 't5_decoder_loss',
-           'aligner_loss', 'aligner_loss_fn', 'teacher_forced_metrics', 'continuation_metrics', 'cache_pixels',
-           'ImageBatches', 'image_loss_fn', 'image_loss_metrics', 'content_probe', 'encoder_states', 'decoder_states',
-           'token_starts', 'paired_rows', 't5_space_pairs', 't5_space_agreement', 't5_readout', 'train_aligner',
-           'image_caption_root', 'feature_caches']
+__all__ = ['ALIGNER_SCHEDULE', 'split_point', 'make_example', 'collate', 'label_tokens', 'AlignerBatches', 't5_logits',
+           't5_decoder_loss', 'aligner_loss', 'aligner_loss_fn', 'teacher_forced_metrics', 'continuation_metrics',
+           'cache_pixels', 'ImageBatches', 'image_loss_fn', 'image_loss_metrics', 'content_probe', 'encoder_states',
+           'decoder_states', 'token_starts', 'paired_rows', 't5_space_pairs', 't5_space_agreement', 't5_readout',
+           'AlignerTraining', 'training_loss_fn', 'train_aligner', 'image_caption_root', 'feature_caches']
 
 # %% ../nbs/02c_training.ipynb #065af3e5
 def split_point(length: int, max_split: int, rng: random.Random) -> int:
@@ -34,6 +35,7 @@ def split_point(length: int, max_split: int, rng: random.Random) -> int:
     if length < 2: raise ValueError(f"an answer of {length} token(s) cannot be split")
     return rng.randint(1, min(length - 1, max_split))
 
+# %% ../nbs/02c_training.ipynb #962022e7
 def make_example(item: dict, method: str,  # an aligner method
                  rng: random.Random, vlm_tokenizer, max_split: int = 128, max_input: int = 128):
     "(features (S, d), target text) of one cached sample for an aligner method."
@@ -58,13 +60,17 @@ def collate(examples, t5_tokenizer, max_label: int = 128):
     labels[labels == t5_tokenizer.pad_token_id] = -100
     return features, mask, labels
 
+# %% ../nbs/02c_training.ipynb #4d2f6f3a
 def label_tokens(texts: list[str], t5_tokenizer, max_label: int = 128) -> int:
     "How many T5 label tokens (EOS included) `collate` makes of target texts."
     return sum(len(ids) for ids in t5_tokenizer(texts, truncation=True, max_length=max_label).input_ids)
 
+# %% ../nbs/02c_training.ipynb #3c9a5bee
 class AlignerBatches:
-    "Random global batches of a feature cache for one aligner method, drawn from the training loop's generator; returns this process's share."
-    def __init__(self, cache: FeatureCache, method: str, vlm_tokenizer, t5_tokenizer, batch_size: int = 32, max_split: int = 128,
+    ("Random global batches of a feature cache for one aligner method, drawn from the training loop's generator; "
+     "returns this process's share.")
+    def __init__(self, cache: FeatureCache, method: str, vlm_tokenizer, t5_tokenizer, batch_size: int = 32,
+                 max_split: int = 128,
                  share: tuple[int, int] | None = None):  # (rank, processes); None: this process's under accelerate
         aligner_method(method)
         self.cache, self.method, self.vlm_tok, self.t5_tok, self.bs, self.max_split = cache, method, vlm_tokenizer, t5_tokenizer, batch_size, max_split
@@ -74,35 +80,46 @@ class AlignerBatches:
         "(features (b, S, d), mask (b, S), labels (b, T), this share's weight in the global token mean)."
         idx = torch.randint(len(self.cache), (self.bs,), generator=g).tolist()
         rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))
-        examples = [make_example(self.cache[i], self.method, rng, self.vlm_tok, self.max_split) for i in idx]  # every process alike
+        # every process alike
+        examples = [make_example(self.cache[i], self.method, rng, self.vlm_tok, self.max_split) for i in idx]
         features, mask, labels = collate(examples[share_of(self.bs, self.share)], self.t5_tok)
         # DDP averages the processes' gradients: weighting each share's token mean by its token count times the process
-        # count over the global count makes that average the gradient of the global batch's token mean (1.0 on one process)
+        # count over the global count makes that average the gradient of the global batch's token mean (1.0 on one
+        # process)
         weight = int((labels != -100).sum()) * self.share[1] / label_tokens([t for _, t in examples], self.t5_tok)
         return features, mask, labels, weight
 
 # %% ../nbs/02c_training.ipynb #34e966f6
 def t5_logits(t5, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    "The T5 decoder's teacher-forced logits (B, T, vocab) for `labels` (B, T) given encoder states (B, S, d) and their mask."
-    decoder_ids = t5.prepare_decoder_input_ids_from_labels(labels=labels)  # the start token, then the labels shifted right
+    ("The T5 decoder's teacher-forced logits (B, T, vocab) for `labels` (B, T) given encoder states (B, S, d) and "
+     "their mask.")
+    # the start token, then the labels shifted right
+    decoder_ids = t5.prepare_decoder_input_ids_from_labels(labels=labels)
     return t5(encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=decoder_ids).logits
 
+# %% ../nbs/02c_training.ipynb #ff9ad3c4
 def t5_decoder_loss(t5, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     "Token-mean cross-entropy of the T5 decoder on `labels` (B, T) given encoder states (B, S, d), in float32."
-    return F.cross_entropy(t5_logits(t5, states, mask, labels).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return F.cross_entropy(t5_logits(t5, states, mask, labels).float().flatten(0, 1), labels.flatten(),
+                           ignore_index=-100)
 
+# %% ../nbs/02c_training.ipynb #30beb3b0
 def aligner_loss(aligner: Aligner, t5, batch, device="cpu") -> torch.Tensor:
-    "Captioning loss of the frozen T5 decoder on aligned features, weighted as this process's share of the global batch."
+    ("Captioning loss of the frozen T5 decoder on aligned features, weighted as this process's share of the global "
+     "batch.")
     features, mask, labels, weight = batch
     aligned = aligner(features.to(device)).to(t5.dtype)  # a float32 aligner feeds a bfloat16 T5 on a GPU
     return t5_decoder_loss(t5, aligned, mask.to(device), labels.to(device)) * weight
 
+# %% ../nbs/02c_training.ipynb #87892fc5
 def aligner_loss_fn(t5, batches: AlignerBatches):
     "A `fit` loss over random batches."
     return lambda aligner, g: aligner_loss(aligner, t5, batches(g), next(aligner.parameters()).device)
 
+# %% ../nbs/02c_training.ipynb #56b60487
 @torch.no_grad()
-def teacher_forced_metrics(t5, decoder_inputs,  # generator -> (encoder states (B, S, d), mask (B, S), labels (B, T) on the CPU)
+def teacher_forced_metrics(t5,
+                           decoder_inputs,  # generator -> (encoder states (B, S, d), mask (B, S), labels (B, T) on the CPU)
                            n_batches: int = 10, seed: int = 1234) -> dict:
     "Mean loss and teacher-forced next-token accuracy of the frozen T5 decoder over fixed seeded batches."
     g, losses, right, total = torch.Generator().manual_seed(seed), [], 0, 0
@@ -111,11 +128,14 @@ def teacher_forced_metrics(t5, decoder_inputs,  # generator -> (encoder states (
         logits = t5_logits(t5, states, mask, labels.to(states.device)).float()  # (B, T, vocab)
         keep = labels != -100
         right += int((logits.argmax(-1).cpu()[keep] == labels[keep]).sum()); total += int(keep.sum())
-        losses.append(F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100).item())
+        losses.append(F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten(),
+                                      ignore_index=-100).item())
     return {"loss": float(np.mean(losses)), "token_accuracy": right / total, "tokens": total}
 
+# %% ../nbs/02c_training.ipynb #af732af5
 def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 10, seed: int = 1234) -> dict:
-    "Held-out loss and teacher-forced next-token accuracy of the T5 decoder on an aligner's tokens, on fixed seeded batches."
+    ("Held-out loss and teacher-forced next-token accuracy of the T5 decoder on an aligner's tokens, on fixed seeded "
+     "batches.")
     aligner.eval()
     def inputs(g):
         features, mask, labels, _ = batches(g)
@@ -124,24 +144,30 @@ def continuation_metrics(aligner, t5, batches: AlignerBatches, n_batches: int = 
 
 # %% ../nbs/02c_training.ipynb #524fbf56
 def cache_pixels(cache: FeatureCache, source, indices: list[int], size: int) -> torch.Tensor:
-    "Images (B, 3, size, size) in [-1, 1] of cached samples `indices`, read from the source the cache was extracted from."
+    ("Images (B, 3, size, size) in [-1, 1] of cached samples `indices`, read from the source the cache was extracted "
+     "from.")
     images = []
     for i in indices:
         cached, item = cache[i], source[i]
         if (cached["image"], cached["caption"]) != (item["image"], item["caption"]):
-            raise ValueError(f"sample {i} of the feature cache at {cache.root} describes image {cached['image']!r} ({cached['caption']!r}) "
-                             f"but the source's sample {i} is {item['image']!r} ({item['caption']!r}): pass the source the cache was extracted from")
+            raise ValueError(f"sample {i} of the feature cache at {cache.root} describes image {cached['image']!r} "
+                             f"({cached['caption']!r}) "
+                             f"but the source's sample {i} is {item['image']!r} ({item['caption']!r}): pass the "
+                             "source the cache was extracted from")
         images.append(np.asarray(prepare_image(item["pixels"], size)))  # the central square, resized: (size, size, 3)
     return to_pixels(np.stack(images))
 
+# %% ../nbs/02c_training.ipynb #d41ce1d8
 class ImageBatches:
-    "Random global batches of (generated states zero-padded to n_rows, the images they describe); returns this process's share."
+    ("Random global batches of (generated states zero-padded to n_rows, the images they describe); returns this "
+     "process's share.")
     def __init__(self, cache: FeatureCache, source,  # source: the image-caption source the cache was extracted from
                  size: int,                  # side of the images the decoder reads
                  batch_size: int = 32,
                  n_rows: int | None = None,  # default: the cache's max_new_tokens, the rows inference generates
                  share: tuple[int, int] | None = None):  # (rank, processes); None: this process's under accelerate
-        if len(source) < len(cache): raise ValueError(f"{len(source)} images for {len(cache)} cached samples; pass the source the cache was extracted from")
+        if len(source) < len(cache): raise ValueError(f"{len(source)} images for {len(cache)} cached samples; pass "
+                                                      "the source the cache was extracted from")
         self.cache, self.source, self.size, self.bs = cache, source, size, batch_size
         self.n_rows = n_rows or cache.manifest["params"]["max_new_tokens"]
         self.share = share or process_share()
@@ -155,6 +181,7 @@ class ImageBatches:
             features[j, :len(rows)] = rows.float()
         return features, cache_pixels(self.cache, self.source, idx, self.size)
 
+# %% ../nbs/02c_training.ipynb #daeff064
 def image_loss_fn(decoder: ImageDecoder, batches: ImageBatches):
     "A `fit` loss of any features -> tokens map: the frozen image decoder's flow matching, pooled as the empty prompt."
     def loss(condition, g):
@@ -163,8 +190,10 @@ def image_loss_fn(decoder: ImageDecoder, batches: ImageBatches):
                                  decoder.empty_pooled(len(pixels)), g, batches.share)
     return loss
 
+# %% ../nbs/02c_training.ipynb #4c31c2c3
 @torch.no_grad()
-def image_loss_metrics(condition, decoder: ImageDecoder, batches: ImageBatches, n_batches: int = 10, seed: int = 1234) -> dict:
+def image_loss_metrics(condition, decoder: ImageDecoder, batches: ImageBatches, n_batches: int = 10,
+                       seed: int = 1234) -> dict:
     "Held-out flow-matching loss of the image decoder on `condition(features)`, on fixed seeded batches and noise."
     g, loss = torch.Generator().manual_seed(seed), image_loss_fn(decoder, batches)
     return {"flow_loss": float(np.mean([loss(condition, g).item() for _ in range(n_batches)]))}
@@ -175,20 +204,24 @@ def _probe_table(cache, n: int, rows: tuple) -> tuple[dict, dict]:
     items = [cache[i] for i in range(min(n, len(cache)))]
     if not all({"theme", "subject", "attribute"} <= set(it) for it in items):
         raise ValueError("content_probe needs MiniCoBSAT rows with theme, subject and attribute")
-    feats = {f"row {k}": torch.stack([it["generated_features"][min(k, len(it["generated_features"]) - 1)].float() for it in items])
+    feats = {f"row {k}": torch.stack([it["generated_features"][min(k, len(it["generated_features"]) - 1)].float()
+                                      for it in items])
              for k in rows}  # row k, or the last row of a shorter answer
     feats["prompt mean"] = torch.stack([it["prompt_features"].float().mean(0) for it in items])
     return feats, {axis: [f"{it['theme']}/{it[axis]}" for it in items] for axis in ("subject", "attribute")}
 
+# %% ../nbs/02c_training.ipynb #2205c9a9
 def content_probe(train_cache, val_cache, rows: tuple = (0, 1, 2, 3, 4), max_train: int = 6000, steps: int = 300,
                   seed: int = 0) -> dict:
     "Validation accuracy of linear probes reading the answer's subject and attribute from each generated row k."
-    (x_train, y_train), (x_val, y_val) = _probe_table(train_cache, max_train, rows), _probe_table(val_cache, len(val_cache), rows)
+    (x_train, y_train), (x_val, y_val) = _probe_table(train_cache, max_train, rows), _probe_table(val_cache,
+                                                                                                  len(val_cache), rows)
     out = {}
     for axis in ("subject", "attribute"):
         classes = {c: i for i, c in enumerate(sorted(set(y_train[axis])))}
         target = torch.tensor([classes[c] for c in y_train[axis]])
-        val_target = torch.tensor([classes.get(c, -1) for c in y_val[axis]])  # a class unseen in training counts as wrong
+        # a class unseen in training counts as wrong
+        val_target = torch.tensor([classes.get(c, -1) for c in y_val[axis]])
         for name, x in x_train.items():
             torch.manual_seed(seed)
             mean, std = x.mean(0), x.std(0) + 1e-4
@@ -203,20 +236,24 @@ def content_probe(train_cache, val_cache, rows: tuple = (0, 1, 2, 3, 4), max_tra
 
 # %% ../nbs/02c_training.ipynb #7a1ef223
 def encoder_states(t5, tokenizer):
-    "text -> (T5 encoder states (T, d) of its tokens and </s>, each token's character span): what the aligner's T5 writes."
+    ("text -> (T5 encoder states (T, d) of its tokens and </s>, each token's character span): what the aligner's T5 "
+     "writes.")
     def states(text: str):
         enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
         return t5.get_encoder()(input_ids=enc.input_ids.to(t5.device)).last_hidden_state[0], enc.offset_mapping[0].tolist()
     return states
 
+# %% ../nbs/02c_training.ipynb #9a27e0df
 def decoder_states(decoder: ImageDecoder):
     "text -> (the image decoder's own T5 states (T, d) as it reads the text as a prompt, each token's character span)."
     def states(text: str):
-        spans = decoder.text_tokenizer(text, return_offsets_mapping=True).offset_mapping  # its tokens and </s>, no padding
+        # its tokens and </s>, no padding
+        spans = decoder.text_tokenizer(text, return_offsets_mapping=True).offset_mapping
         embeds = decoder.encode_prompt([text])[0][0]  # (L, d), padded or cut to the decoder's text length
         return embeds[:len(spans)], spans[:len(embeds)]
     return states
 
+# %% ../nbs/02c_training.ipynb #dff22ebc
 def token_starts(tokenizer, ids: list[int]) -> list[int | None]:
     "Where in the decoded text each token's first visible character sits (None for a token that shows none, e.g. EOS)."
     starts, done = [], 0
@@ -227,9 +264,12 @@ def token_starts(tokenizer, ids: list[int]) -> list[int | None]:
         done = len(text)
     return starts
 
+# %% ../nbs/02c_training.ipynb #37d78757
 def paired_rows(vlm_tokenizer, ids: list[int], spans: list) -> list[tuple[int, int]]:
-    "(generated row k, encoder token j) pairs: each answer token with the encoder token holding its first character, EOS with </s>."
-    closing = len(spans) - 1 if spans and tuple(spans[-1]) == (0, 0) else None  # the encoder's </s>, which holds no text
+    ("(generated row k, encoder token j) pairs: each answer token with the encoder token holding its first character, "
+     "EOS with </s>.")
+    # the encoder's </s>, which holds no text
+    closing = len(spans) - 1 if spans and tuple(spans[-1]) == (0, 0) else None
     pairs = []
     for k, start in enumerate(token_starts(vlm_tokenizer, ids)):
         if ids[k] == vlm_tokenizer.eos_token_id: j = closing
@@ -237,9 +277,11 @@ def paired_rows(vlm_tokenizer, ids: list[int], spans: list) -> list[tuple[int, i
         if j is not None: pairs.append((k, j))
     return pairs
 
+# %% ../nbs/02c_training.ipynb #6ea86017
 @torch.no_grad()
 def t5_space_pairs(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> tuple[list, int]:
-    "Per sample with paired tokens: (aligned generated rows (R, d), `states`' encoder states of the same tokens (R, d)); and the samples tried."
+    ("Per sample with paired tokens: (aligned generated rows (R, d), `states`' encoder states of the same tokens (R, "
+     "d)); and the samples tried.")
     pairs, tried = [], min(n, len(cache))
     for i in tqdm(range(tried), desc="T5-space pairs", leave=False):
         item = cache[i]
@@ -250,66 +292,103 @@ def t5_space_pairs(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache,
         aligned = aligner(item["generated_features"].float().to(aligner.device))  # (L, d): row k predicts token k
         k, j = (list(r) for r in zip(*rows))
         if k == j == list(range(len(aligned))): pairs.append((aligned, encoded[:len(aligned)].to(aligned)))
-        else: pairs.append((aligned[k], encoded[j].to(aligned)))  # a gather would hold the same values as the slices above,
+        # a gather would hold the same values as the slices above,
+        else: pairs.append((aligned[k], encoded[j].to(aligned)))
         # but the readout's least-squares fit rounds its last bits by memory layout: token for token keeps the slices
     return pairs, tried
 
+# %% ../nbs/02c_training.ipynb #7a541e35
 def t5_space_agreement(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache, n: int = 512) -> dict:
-    "Cosine, scales and held-out affine R² between aligned generated rows and a text encoder's states of the same answer tokens."
+    ("Cosine, scales and held-out affine R² between aligned generated rows and a text encoder's states of the same "
+     "answer tokens.")
     pairs, tried = t5_space_pairs(aligner, states, vlm_tokenizer, cache, n)
     if len(pairs) < 4: return {"matched_share": len(pairs) / tried, "cosine": None, "affine_r2": None}
     half = len(pairs) // 2
     (x_fit, y_fit), (x_val, y_val) = [[torch.cat(rows) for rows in zip(*part)] for part in (pairs[:half], pairs[half:])]
-    residual = ((apply_readout(x_val, fit_readout(x_fit, y_fit)) - y_val) ** 2).sum() / ((y_val - y_val.mean(0)) ** 2).sum()
+    residual = ((apply_readout(x_val, fit_readout(x_fit, y_fit)) - y_val) ** 2).sum() / ((y_val
+                                                                                          - y_val.mean(0)) ** 2).sum()
     aligned, encoded = (torch.cat(rows) for rows in zip(*pairs))
     return {"matched_share": len(pairs) / tried, "rows": len(aligned),
             "cosine": float(F.cosine_similarity(aligned, encoded, dim=-1).mean()), "affine_r2": float(1 - residual),
             "aligned_rms": float(aligned.pow(2).mean().sqrt()), "states_rms": float(encoded.pow(2).mean().sqrt())}
 
+# %% ../nbs/02c_training.ipynb #997c7b69
 def t5_readout(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCache, n: int = 4096) -> torch.Tensor:
-    "The affine readout (see `fit_readout`) of an aligner onto `states`, fitted on the first `n` samples of a (training) cache."
+    ("The affine readout (see `fit_readout`) of an aligner onto `states`, fitted on the first `n` samples of a "
+     "(training) cache.")
     pairs, _ = t5_space_pairs(aligner, states, vlm_tokenizer, cache, n)
-    if not pairs: raise ValueError("no answer token could be paired with an encoder token; the readout needs corresponding tokens")
+    if not pairs: raise ValueError("no answer token could be paired with an encoder token; the readout needs "
+                                   "corresponding tokens")
     return fit_readout(*(torch.cat(rows) for rows in zip(*pairs)))
 
 # %% ../nbs/02c_training.ipynb #bdb72671
-def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache, t5, t5_tokenizer, vlm_tokenizer, t5_source: str,
-                  out_dir, method: str = "thinkdiff", norm: str = "t5", steps: int = 1000,
-                  batch_size: int = 32,  # the global batch, split evenly over accelerate's processes
-                  lr: float = 1e-3, min_lr: float = 0.0, warmup: int = 100, weight_decay: float = 0.05, max_split: int = 128,
-                  ckpt_every: int = 250, eval_batches: int = 10, seed: int = 0,
-                  grad_clip: float = 0.0,               # max gradient norm; 0: off, as the official run
-                  t5_dropout: bool = True,              # the frozen T5 in train mode while training, as the official runner
-                  decoder: ImageDecoder | None = None,  # image-loss only: the frozen image decoder
-                  source=None,                          # image-loss only: the image-caption source of the training cache
-                  pixel_size: int = 32,                 # image-loss only: side of the images the decoder trains on
+# train_aligner's default schedule: ThinkDiff's weight decay (0.05) and, as the official runner, no gradient clipping
+ALIGNER_SCHEDULE = Schedule(steps=1000, lr=1e-3, weight_decay=0.05, grad_clip=0.0, ckpt_every=250)
+
+# %% ../nbs/02c_training.ipynb #1491229c
+@dataclass(frozen=True)
+class AlignerTraining:
+    "How `train_aligner` trains: the method and norm, its batches, the held-out metrics, and the optimisation schedule."
+    method: str = "thinkdiff"  # an aligner method (00b_methods): thinkdiff (the paper), no-masking, input-tokens, ...
+    norm: str = "t5"           # one of NORM_VARIANTS (the paper: t5, the weight copied from T5's final encoder norm)
+    batch_size: int = 32       # the global batch in samples, split over accelerate's processes (official: 32 per GPU)
+    max_split: int = 128       # largest split s of the random split, in answer tokens (official: 128)
+    eval_batches: int = 10     # held-out batches of the continuation metrics
+    t5_dropout: bool = True    # the frozen T5 in train mode while training, its dropout on (the official runner: on)
+    pixel_size: int = 32       # image-loss only: side of the images the image decoder trains on, in pixels
+    schedule: Schedule = ALIGNER_SCHEDULE  # steps, rates, decay, clipping, checkpoints, seed (params/train_paper.yaml)
+
+# %% ../nbs/02c_training.ipynb #b6724269
+def training_loss_fn(config: AlignerTraining, cache: FeatureCache, t5, t5_tokenizer, vlm_tokenizer,
+                     decoder: ImageDecoder | None = None,  # image-loss only: the frozen image decoder
+                     source=None):                         # image-loss only: the image-caption source of `cache`
+    "The `fit` loss of `config.method`: the frozen T5 decoder's captioning loss, or for image-loss the image decoder's."
+    if aligner_method(config.method).loss != "image-decoder":
+        return aligner_loss_fn(t5, AlignerBatches(cache, config.method, vlm_tokenizer, t5_tokenizer, config.batch_size,
+                                                  config.max_split))
+    if decoder is None or source is None:
+        raise ValueError(f"method {config.method!r} trains on the image decoder: pass decoder and source")
+    return image_loss_fn(decoder, ImageBatches(cache, source, config.pixel_size, config.batch_size))
+
+# %% ../nbs/02c_training.ipynb #fca4c67e
+def train_aligner(train_cache: FeatureCache, val_cache: FeatureCache,  # the VLM's cached features: training, held out
+                  t5, t5_tokenizer,        # the frozen T5 whose decoder reads the aligned tokens
+                  vlm_tokenizer,           # decodes the cached answers into the T5 targets
+                  t5_source: str,          # T5's checkpoint: its final encoder norm initialises the aligner's
+                  out_dir,                 # gets checkpoint.pt, loss.csv and the trained aligner/
+                  config: AlignerTraining | None = None,  # None: AlignerTraining()
+                  decoder: ImageDecoder | None = None,    # image-loss only: the frozen image decoder
+                  source=None,             # image-loss only: the image-caption source of the training cache
                   ) -> tuple[Aligner, list[float], dict]:
-    "Train one aligner (data-parallel under `accelerate launch`); returns it, its per-step losses and its held-out continuation metrics."
-    out_dir, aligner = Path(out_dir), t5_aligner(train_cache.width, t5, t5_source, norm, seed)
-    if aligner_method(method).loss == "image-decoder":
-        if decoder is None or source is None: raise ValueError(f"method {method!r} trains on the image decoder: pass decoder and source")
-        loss_fn = image_loss_fn(decoder, ImageBatches(train_cache, source, pixel_size, batch_size))
-    else: loss_fn = aligner_loss_fn(t5, AlignerBatches(train_cache, method, vlm_tokenizer, t5_tokenizer, batch_size, max_split))
-    t5.train(t5_dropout)  # frozen either way: no parameter of it has a gradient
-    try: run = fit(aligner, loss_fn, steps, out_dir / "checkpoint.pt", lr=lr, warmup=warmup, weight_decay=weight_decay,
-                   ckpt_every=ckpt_every, seed=seed, clip=grad_clip or None, desc=f"aligner {method} norm={norm}",
-                   log_csv=out_dir / "loss.csv", min_lr=min_lr)
+    "Train one aligner (data-parallel under `accelerate launch`); returns it, its per-step losses and held-out metrics."
+    out_dir, config = Path(out_dir), config or AlignerTraining()
+    seed = config.schedule.seed  # the aligner's initialisation, the batches' generator; seed + 1 the held-out batches'
+    aligner = t5_aligner(train_cache.width, t5, t5_source, config.norm, seed)
+    loss_fn = training_loss_fn(config, train_cache, t5, t5_tokenizer, vlm_tokenizer, decoder, source)
+    t5.train(config.t5_dropout)  # frozen either way: no parameter of it has a gradient
+    try: run = fit(aligner, loss_fn, config.schedule, out_dir / "checkpoint.pt",
+                   desc=f"aligner {config.method} norm={config.norm}", log_csv=out_dir / "loss.csv")
     finally: t5.eval()
     aligner.save_pretrained(out_dir / "aligner", is_main_process=process_state().is_main_process)
-    val = AlignerBatches(val_cache, method, vlm_tokenizer, t5_tokenizer, batch_size, max_split, share=(0, 1))
-    return aligner, run.losses, continuation_metrics(aligner, t5, val, eval_batches, seed=seed + 1)
+    val = AlignerBatches(val_cache, config.method, vlm_tokenizer, t5_tokenizer, config.batch_size, config.max_split,
+                         share=(0, 1))
+    return aligner, run.losses, continuation_metrics(aligner, t5, val, config.eval_batches, seed=seed + 1)
 
 # %% ../nbs/02c_training.ipynb #e5850c8e
 def image_caption_root(data_root, render_if_missing: bool = True, images_per_pair: int = 1, seed: int = 0) -> Path:
     "`data_root`, after rendering a MiniCoBSAT image-caption set into it if it holds none and `render_if_missing`."
     data_root = Path(data_root)
     with process_state().main_process_first():  # the main process renders; the others then find the set
-        if render_if_missing and not (data_root / "train.jsonl").exists(): write_image_caption_set(data_root, images_per_pair, seed=seed)
+        if render_if_missing and not (data_root / "train.jsonl").exists(): write_image_caption_set(data_root,
+                                                                                                   images_per_pair,
+                                                                                                   seed=seed)
     return data_root
 
+# %% ../nbs/02c_training.ipynb #74f79ffa
 def feature_caches(vlm_loader, processor, width: int, cache_dir, data_root,
                    instructions: Sequence[str],  # one drawn per image: the profile's `describe_instructions`
-                   render_if_missing: bool = True, images_per_pair: int = 1, max_images: int = 0, validation_samples: int = 256,
+                   render_if_missing: bool = True, images_per_pair: int = 1, max_images: int = 0,
+                   validation_samples: int = 256,
                    shard_size: int = 1024,       # feature samples per shard
                    max_new_tokens: int = 24, batch_size: int = 64, seed: int = 0, image_size: int | None = 32,
                    vision_id: bool = False,      # "Picture 1: " in the prompts: the profile's `describe_vision_id`
@@ -321,7 +400,8 @@ def feature_caches(vlm_loader, processor, width: int, cache_dir, data_root,
         if not cache_complete(root):
             source = open_image_captions(image_caption_root(data_root, render_if_missing, images_per_pair, seed), split)
             vlm = vlm or vlm_loader()
-            extract_features(vlm, processor, source, root, instructions, max_images if split == "train" else validation_samples,
+            extract_features(vlm, processor, source, root, instructions,
+                             max_images if split == "train" else validation_samples,
                              shard_size=shard_size, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              seed=seed + (split == "validation"), image_size=image_size, vision_id=vision_id)
         caches[split] = FeatureCache(root, expected_width=width)

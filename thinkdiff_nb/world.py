@@ -13,13 +13,13 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['AXES', 'DISPLAY_WORDS', 'THEMES', 'TASKS', 'SHOTS', 'SILHOUETTES', 'MIN_SIZE', 'SUPERSAMPLE', 'SUBJECT_COLORS',
-           'COLOR_RGB', 'SCENES', 'STYLE_TREATMENTS', 'ACTION_GROUNDS', 'ACTION_POSE', 'PAINTERS', 'PHRASES', 'FRAMES',
-           'display_word', 'check_value', 'Theme', 'as_theme', 'Task', 'cobsat_prompt_list', 'InContextPrompt',
-           'make_prompt', 'task_prompts', 'Nuisance', 'silhouette_mask', 'subject_layer', 'paint_color',
-           'paint_background', 'paint_style', 'paint_action', 'paint_texture', 'render', 'show_grid',
-           'min_pair_distance', 'describe', 'caption_variants', 'caption', 'parse_value', 'parse_pair', 'atomic_dir',
-           'write_image_caption_set', 'ImageCaptionSet', 'is_heldout_pair', 'icl_answer', 'oracle_prompt']
+__all__ = ['AXES', 'DISPLAY_WORDS', 'THEMES', 'TASKS', 'SHOTS', 'OBJECT_SILHOUETTES', 'ANIMAL_SILHOUETTES', 'SILHOUETTES',
+           'MIN_SIZE', 'SUPERSAMPLE', 'SUBJECT_COLORS', 'COLOR_RGB', 'SCENES', 'STYLE_TREATMENTS', 'ACTION_GROUNDS',
+           'ACTION_POSE', 'PAINTERS', 'PHRASES', 'FRAMES', 'display_word', 'check_value', 'Theme', 'as_theme', 'Task',
+           'cobsat_prompt_list', 'InContextPrompt', 'make_prompt', 'task_prompts', 'Nuisance', 'silhouette_mask',
+           'subject_layer', 'paint_color', 'paint_background', 'paint_style', 'paint_action', 'paint_texture', 'render',
+           'show_grid', 'min_pair_distance', 'describe', 'caption_variants', 'caption', 'parse_value', 'parse_pair',
+           'atomic_dir', 'write_image_caption_set', 'ImageCaptionSet', 'is_heldout_pair', 'icl_answer', 'oracle_prompt']
 
 # %% ../nbs/00_world.ipynb #0af16c7e
 AXES = {
@@ -37,6 +37,7 @@ def display_word(value: str) -> str:
     "The word CoBSAT shows in prompts and judge options for a raw item."
     return DISPLAY_WORDS.get(value, value)
 
+# %% ../nbs/00_world.ipynb #d7146335
 def check_value(axis: str, value: str) -> int:
     "Index of `value` on `axis`, or a clear error naming both."
     if axis not in AXES: raise ValueError(f"unknown axis {axis!r}; axes are {list(AXES)}")
@@ -62,12 +63,14 @@ class Theme:
 THEMES = {t.name: t for t in [Theme("color", "object"), Theme("background", "animal"), Theme("style", "object"),
                                Theme("action", "animal"), Theme("texture", "object")]}
 
+# %% ../nbs/00_world.ipynb #ae2f1b4c
 def as_theme(theme: Theme | str) -> Theme:
     "A Theme given itself or its name, with a clear error naming an unknown one."
     if isinstance(theme, Theme): return theme
     if theme not in THEMES: raise ValueError(f"unknown theme {theme!r}; themes are {list(THEMES)}")
     return THEMES[theme]
 
+# %% ../nbs/00_world.ipynb #12da6c66
 @dataclass(frozen=True)
 class Task:
     "A CoBSAT task: the axis given in text (x) and the latent axis (theta) shared by every demonstration."
@@ -83,6 +86,7 @@ class Task:
         "The (subject, attribute) pair that a (theta, x) combination shows."
         return (theta, x) if self.infers_subject else (x, theta)
 
+# %% ../nbs/00_world.ipynb #25817faa
 def _make_tasks():
     names = ["color_object", "background_animal", "style_object", "action_animal", "texture_object"]
     tasks = []
@@ -126,24 +130,33 @@ class InContextPrompt:
         return [render(self.task.theme, s, a, size, None if seed is None else seed * 101 + k)
                 for k, (s, a) in enumerate(self.demo_pairs)]
 
+# %% ../nbs/00_world.ipynb #6e684073
 def make_prompt(task: Task, record: dict, shot: int, index: int = 0) -> InContextPrompt:
     "Turn one index record into an N-shot prompt by CoBSAT's rule (`load_inputs`)."
     if shot not in SHOTS: raise ValueError(f"shot must be one of {SHOTS}, got {shot!r}")
     xs = tuple(AXES[task.x_axis][i] for i in record["x_list"][: shot + 1])
     return InContextPrompt(task, index, shot, AXES[task.theta_axis][record["theta_list"][shot + 1]], xs)
 
+# %% ../nbs/00_world.ipynb #d2e92437
 def task_prompts(task: Task, shot: int, n_prompts: int = 1000) -> list[InContextPrompt]:
     "The first `n_prompts` prompts of a task at `shot` shots, from CoBSAT's list."
     return [make_prompt(task, r, shot, i) for i, r in enumerate(cobsat_prompt_list()[:n_prompts])]
 
 # %% ../nbs/00_world.ipynb #e4d20815
 def _poly(*pts): return ("poly", pts)
+
+# %% ../nbs/00_world.ipynb #680476c3
 def _ell(cx, cy, rx, ry): return ("ellipse", (cx - rx, cy - ry, cx + rx, cy + ry))
+
+# %% ../nbs/00_world.ipynb #6a0d59a0
 def _rect(x0, y0, x1, y1): return ("rect", (x0, y0, x1, y1))
+
+# %% ../nbs/00_world.ipynb #38f25a4e
 def _line(width, *pts): return ("line", pts, width)
 
-# y grows downwards, as in image rows
-SILHOUETTES = {
+# %% ../nbs/00_world.ipynb #17d6661f
+# shapes in [-1, 1]^2 with y growing downwards, as in image rows
+OBJECT_SILHOUETTES = {
     "leaf": [_poly((-0.9, 0.7), (-0.5, -0.2), (0.2, -0.8), (0.9, -0.9), (0.7, -0.1), (0.1, 0.6), (-0.6, 0.8)),
              _line(0.12, (-0.9, 0.9), (0.6, -0.6))],
     "hat": [_rect(-0.95, 0.45, 0.95, 0.7), _rect(-0.55, -0.75, 0.55, 0.5)],
@@ -157,13 +170,20 @@ SILHOUETTES = {
     "bag": [_poly((-0.8, -0.2), (0.8, -0.2), (0.95, 0.9), (-0.95, 0.9)), ("ring", (-0.45, -0.9, 0.45, 0.1), 0.16)],
     "apple": [_ell(-0.3, 0.2, 0.55, 0.65), _ell(0.3, 0.2, 0.55, 0.65), _line(0.14, (0.0, -0.35), (0.1, -0.95)),
               _ell(0.4, -0.7, 0.28, 0.12)],
+}
+
+# %% ../nbs/00_world.ipynb #99a74184
+ANIMAL_SILHOUETTES = {
     "zebra": [_rect(-0.6, -0.2, 0.45, 0.3), _rect(-0.6, 0.2, -0.45, 0.95), _rect(0.3, 0.2, 0.45, 0.95),
-              _poly((0.3, -0.2), (0.5, -0.95), (0.75, -0.95), (0.55, -0.1)), _poly((0.5, -0.95), (0.95, -0.7), (0.9, -0.55), (0.6, -0.7))],
+              _poly((0.3, -0.2), (0.5, -0.95), (0.75, -0.95), (0.55, -0.1)),
+              _poly((0.5, -0.95), (0.95, -0.7), (0.9, -0.55), (0.6, -0.7))],
     "tiger": [_rect(-0.75, -0.1, 0.5, 0.4), _rect(-0.7, 0.3, -0.55, 0.75), _rect(0.3, 0.3, 0.45, 0.75),
               _ell(0.65, -0.15, 0.3, 0.27), _line(0.1, (-0.75, 0.0), (-0.95, -0.5))],
-    "sheep": [_ell(-0.35, 0.0, 0.35, 0.35), _ell(0.15, -0.1, 0.4, 0.4), _ell(-0.1, 0.25, 0.5, 0.3), _ell(0.3, 0.2, 0.35, 0.3),
+    "sheep": [_ell(-0.35, 0.0, 0.35, 0.35), _ell(0.15, -0.1, 0.4, 0.4), _ell(-0.1, 0.25, 0.5, 0.3),
+              _ell(0.3, 0.2, 0.35, 0.3),
               _ell(0.7, -0.25, 0.2, 0.25), _rect(-0.45, 0.4, -0.3, 0.8), _rect(0.25, 0.4, 0.4, 0.8)],
-    "pig": [_ell(-0.1, 0.1, 0.75, 0.5), _ell(0.7, 0.0, 0.25, 0.2), _rect(-0.6, 0.4, -0.4, 0.75), _rect(0.2, 0.4, 0.4, 0.75),
+    "pig": [_ell(-0.1, 0.1, 0.75, 0.5), _ell(0.7, 0.0, 0.25, 0.2), _rect(-0.6, 0.4, -0.4, 0.75),
+            _rect(0.2, 0.4, 0.4, 0.75),
             _poly((0.1, -0.3), (0.3, -0.65), (0.4, -0.3))],
     "monkey": [_ell(0.0, -0.55, 0.35, 0.35), _ell(-0.4, -0.55, 0.15, 0.15), _ell(0.4, -0.55, 0.15, 0.15),
                _ell(0.0, 0.25, 0.4, 0.5), _line(0.12, (0.3, 0.6), (0.8, 0.6), (0.9, 0.1), (0.7, -0.1))],
@@ -173,12 +193,17 @@ SILHOUETTES = {
             _ell(0.5, -0.35, 0.28, 0.25), _rect(0.6, -0.4, 0.95, -0.2), _poly((0.3, -0.55), (0.45, -0.55), (0.3, 0.0)),
             _line(0.1, (-0.6, 0.0), (-0.85, -0.45))],
     "cow": [_rect(-0.8, -0.25, 0.5, 0.35), _rect(-0.75, 0.3, -0.58, 0.85), _rect(0.3, 0.3, 0.47, 0.85),
-            _rect(0.45, -0.5, 0.85, -0.05), _line(0.08, (0.5, -0.5), (0.4, -0.8)), _line(0.08, (0.8, -0.5), (0.9, -0.8))],
-    "cat": [_ell(0.0, 0.35, 0.45, 0.55), _ell(0.0, -0.45, 0.33, 0.3), _poly((-0.33, -0.55), (-0.3, -0.95), (-0.05, -0.7)),
+            _rect(0.45, -0.5, 0.85, -0.05), _line(0.08, (0.5, -0.5), (0.4, -0.8)),
+            _line(0.08, (0.8, -0.5), (0.9, -0.8))],
+    "cat": [_ell(0.0, 0.35, 0.45, 0.55), _ell(0.0, -0.45, 0.33, 0.3),
+            _poly((-0.33, -0.55), (-0.3, -0.95), (-0.05, -0.7)),
             _poly((0.33, -0.55), (0.3, -0.95), (0.05, -0.7)), _line(0.1, (0.4, 0.8), (0.85, 0.7), (0.9, 0.2))],
-    "bird": [_ell(0.0, 0.1, 0.4, 0.25), _poly((-0.2, 0.0), (-0.95, -0.8), (0.1, -0.05)), _poly((0.1, 0.0), (0.8, -0.85), (0.25, 0.05)),
-             _ell(0.45, -0.05, 0.18, 0.16), _poly((0.6, -0.1), (0.85, -0.02), (0.6, 0.05)), _poly((-0.35, 0.1), (-0.85, 0.4), (-0.35, 0.25))],
+    "bird": [_ell(0.0, 0.1, 0.4, 0.25), _poly((-0.2, 0.0), (-0.95, -0.8), (0.1, -0.05)),
+             _poly((0.1, 0.0), (0.8, -0.85), (0.25, 0.05)),
+             _ell(0.45, -0.05, 0.18, 0.16), _poly((0.6, -0.1), (0.85, -0.02), (0.6, 0.05)),
+             _poly((-0.35, 0.1), (-0.85, 0.4), (-0.35, 0.25))],
 }
+SILHOUETTES = {**OBJECT_SILHOUETTES, **ANIMAL_SILHOUETTES}
 
 # %% ../nbs/00_world.ipynb #83aa7197
 MIN_SIZE = 16  # below 16 px silhouettes lose the parts that tell them apart
@@ -198,11 +223,13 @@ class Nuisance:
         r = np.random.default_rng(seed)
         return cls(*r.uniform(-2 / 32, 2 / 32, 2), r.uniform(0.9, 1.1), r.uniform(0.92, 1.08), r.uniform(0, 1))
 
+# %% ../nbs/00_world.ipynb #b1302b4c
 def _to_px(pts, n: int, nz: Nuisance, extent: float = 0.36):
     "Map [-1, 1] box coordinates to pixel coordinates of an n-pixel canvas."
     c, h = (0.5 + nz.dx) * n, extent * nz.scale * n
     return [(c + x * h, (0.5 + nz.dy) * n + y * h) for x, y in pts]
 
+# %% ../nbs/00_world.ipynb #ab3d8378
 def silhouette_mask(subject: str, n: int, nz: Nuisance = Nuisance(), extent: float = 0.36) -> np.ndarray:
     "Float mask (n, n) in [0, 1] of a subject's silhouette drawn on an n-pixel canvas."
     img = Image.new("L", (n, n), 0); d = ImageDraw.Draw(img)
@@ -212,8 +239,10 @@ def silhouette_mask(subject: str, n: int, nz: Nuisance = Nuisance(), extent: flo
         if kind == "poly": d.polygon(_to_px(args, n, nz, extent), fill=255)
         elif kind == "ellipse": d.ellipse(sum(_to_px([args[:2], args[2:]], n, nz, extent), ()), fill=255)
         elif kind == "rect": d.rectangle(sum(_to_px([args[:2], args[2:]], n, nz, extent), ()), fill=255)
-        elif kind == "ring": d.ellipse(sum(_to_px([args[:2], args[2:]], n, nz, extent), ()), outline=255, width=max(1, int(prim[2] * unit)))
-        elif kind == "line": d.line(_to_px(args, n, nz, extent), fill=255, width=max(1, int(prim[2] * unit)), joint="curve")
+        elif kind == "ring": d.ellipse(sum(_to_px([args[:2], args[2:]], n, nz, extent), ()), outline=255,
+                                       width=max(1, int(prim[2] * unit)))
+        elif kind == "line": d.line(_to_px(args, n, nz, extent), fill=255, width=max(1, int(prim[2] * unit)),
+                                    joint="curve")
     return np.asarray(img, dtype=np.float32) / 255.0
 
 # %% ../nbs/00_world.ipynb #8655ad93
@@ -222,19 +251,24 @@ def _grid(n: int):
     c = (np.arange(n, dtype=np.float32) + 0.5) / n
     return np.meshgrid(c, c)
 
+# %% ../nbs/00_world.ipynb #409feebf
 def _rgb(*c): return np.array(c, dtype=np.float32)
 
+# %% ../nbs/00_world.ipynb #e00356aa
 def _fill(n, color): return np.broadcast_to(_rgb(*color), (n, n, 3)).copy()
 
+# %% ../nbs/00_world.ipynb #35fba03c
 def _vgrad(n, top, bottom):
     "Vertical gradient from `top` to `bottom` colour."
     _, v = _grid(n)
     return _rgb(*top) * (1 - v[..., None]) + _rgb(*bottom) * v[..., None]
 
+# %% ../nbs/00_world.ipynb #d840a317
 def _stripes(coord, period, duty=0.5):
     "1 on the first `duty` share of every `period` along `coord`."
     return ((coord / period) % 1.0 < duty).astype(np.float32)
 
+# %% ../nbs/00_world.ipynb #01066977
 def _dots(n, period, radius, phase=0.0, stagger=True):
     "A grid of discs of `radius` every `period` (in image fractions)."
     u, v = _grid(n)
@@ -243,20 +277,25 @@ def _dots(n, period, radius, phase=0.0, stagger=True):
     du, dv = (uu % period) - period / 2, (v % period) - period / 2
     return (du ** 2 + dv ** 2 < radius ** 2).astype(np.float32)
 
+# %% ../nbs/00_world.ipynb #a1a3fc15
 def _blend(base, layer, alpha):
     "Paint `layer` over `base` where `alpha` (n, n) is 1."
     a = alpha[..., None] if alpha.ndim == 2 else alpha
     return base * (1 - a) + layer * a
 
+# %% ../nbs/00_world.ipynb #3ca3d467
 def _outline(mask, width: int):
     "A band of `width` pixels just outside the mask."
     img = Image.fromarray((mask * 255).astype(np.uint8))
     grown = np.asarray(img.filter(ImageFilter.MaxFilter(2 * width + 1)), dtype=np.float32) / 255.0
     return np.clip(grown - mask, 0, 1)
 
+# %% ../nbs/00_world.ipynb #04c94842
 def _blur(a, radius):
     "Gaussian blur of an (n, n) or (n, n, 3) float array in [0, 1]."
-    if a.ndim == 2: return np.asarray(Image.fromarray((a * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)), np.float32) / 255
+    if a.ndim == 2:
+        return np.asarray(Image.fromarray((a * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)),
+                          np.float32) / 255
     return np.stack([_blur(a[..., i], radius) for i in range(3)], -1)
 
 # %% ../nbs/00_world.ipynb #dd201e4b
@@ -274,11 +313,14 @@ def subject_layer(subject: str, n: int, nz: Nuisance, mask: np.ndarray) -> np.nd
     u, v = _grid(n)
     rgb = _fill(n, SUBJECT_COLORS[subject])
     if subject == "zebra": rgb = _blend(rgb, _fill(n, (0.05, 0.05, 0.05)), _stripes(u + nz.phase * 0.1, 0.1))
-    if subject == "tiger": rgb = _blend(rgb, _fill(n, (0.1, 0.05, 0.0)), _stripes(u + 0.3 * v + nz.phase * 0.1, 0.12, 0.35))
+    if subject == "tiger": rgb = _blend(rgb, _fill(n, (0.1, 0.05, 0.0)),
+                                        _stripes(u + 0.3 * v + nz.phase * 0.1, 0.12, 0.35))
     if subject == "cow": rgb = _blend(rgb, _fill(n, (0.05, 0.05, 0.05)), _dots(n, 0.2, 0.06, nz.phase))
-    if subject == "lion": rgb = _blend(rgb, _fill(n, (0.6, 0.3, 0.05)), silhouette_mask("lion", n, nz) * (u > 0.5 + nz.dx) * (v < 0.5 + nz.dy))
+    if subject == "lion": rgb = _blend(rgb, _fill(n, (0.6, 0.3, 0.05)),
+                                       silhouette_mask("lion", n, nz) * (u > 0.5 + nz.dx) * (v < 0.5 + nz.dy))
     if subject == "sheep": rgb = _blend(rgb, _fill(n, (0.15, 0.12, 0.1)), (u > 0.7 + nz.dx) * (v < 0.5 + nz.dy))
-    if subject == "bird": rgb = _blend(rgb, _fill(n, (1.0, 0.8, 0.0)), (u > 0.7 + nz.dx) * (v > 0.45 + nz.dy) * (v < 0.55 + nz.dy))
+    if subject == "bird": rgb = _blend(rgb, _fill(n, (1.0, 0.8, 0.0)),
+                                       (u > 0.7 + nz.dx) * (v > 0.45 + nz.dy) * (v < 0.55 + nz.dy))
     return rgb
 
 # %% ../nbs/00_world.ipynb #724eca8a
@@ -301,17 +343,20 @@ def _scene_beach(n, u, v, p):
     img = _blend(img, _fill(n, (0.05, 0.45, 0.8)), (v > 0.55) & (v < 0.68))
     return _blend(img, _fill(n, (0.95, 0.85, 0.55)), v >= 0.68)
 
+# %% ../nbs/00_world.ipynb #7b5f871b
 def _scene_desert(n, u, v, p):
     "The desert scene, (n, n, 3)."
     img = _vgrad(n, (1.0, 0.7, 0.3), (1.0, 0.85, 0.5))
     img = _blend(img, _fill(n, (1.0, 1.0, 0.6)), ((u - 0.85) ** 2 + (v - 0.15) ** 2 < 0.01))
     return _blend(img, _fill(n, (0.8, 0.5, 0.2)), v > 0.65 + 0.06 * np.sin(12 * u + 6 * p))
 
+# %% ../nbs/00_world.ipynb #8030b3c4
 def _scene_glacier(n, u, v, p):
     "The glacier scene, (n, n, 3)."
     img = _fill(n, (0.75, 0.93, 1.0))
     return _blend(img, _fill(n, (0.97, 1.0, 1.0)), v > 0.55 + 0.15 * np.abs(((u * 4 + p) % 1) - 0.5))
 
+# %% ../nbs/00_world.ipynb #870a308b
 def _scene_volcano(n, u, v, p):
     "The volcano scene, (n, n, 3)."
     img = _vgrad(n, (0.35, 0.08, 0.05), (0.15, 0.1, 0.1))
@@ -319,6 +364,7 @@ def _scene_volcano(n, u, v, p):
     img = _blend(img, _fill(n, (0.25, 0.22, 0.2)), cone)
     return _blend(img, _fill(n, (1.0, 0.35, 0.0)), cone * (v < 0.35))
 
+# %% ../nbs/00_world.ipynb #5cfb7279
 def _scene_park(n, u, v, p):
     "The park scene, (n, n, 3)."
     img = _vgrad(n, (0.55, 0.8, 1.0), (0.7, 0.9, 1.0))
@@ -326,27 +372,32 @@ def _scene_park(n, u, v, p):
     img = _blend(img, _fill(n, (0.9, 0.1, 0.5)), np.abs(r - 0.18) < 0.03)
     return _blend(img, _fill(n, (0.25, 0.7, 0.2)), v > 0.75)
 
+# %% ../nbs/00_world.ipynb #c4880696
 def _scene_gym(n, u, v, p):
     "The gym scene, (n, n, 3)."
     img = _blend(_fill(n, (0.7, 0.7, 0.72)), _fill(n, (0.45, 0.45, 0.5)), _stripes(v + p * 0.1, 0.12, 0.3))
     return _blend(img, _fill(n, (0.8, 0.55, 0.3)) * (0.9 + 0.1 * _stripes(u, 0.1))[..., None], v > 0.75)
 
+# %% ../nbs/00_world.ipynb #1870526f
 def _scene_waterfall(n, u, v, p):
     "The waterfall scene, (n, n, 3)."
     img = _blend(_fill(n, (0.3, 0.55, 0.9)), _fill(n, (0.92, 0.97, 1.0)), _stripes(u + p * 0.1, 0.08, 0.45))
     return _blend(img, _fill(n, (0.2, 0.45, 0.15)), (u < 0.1) | (u > 0.9))
 
+# %% ../nbs/00_world.ipynb #4a7d3967
 def _scene_space(n, u, v, p):
     "The space scene, (n, n, 3)."
     img = _blend(_fill(n, (0.02, 0.02, 0.08)), _fill(n, (1.0, 1.0, 1.0)), _dots(n, 0.16, 0.02, p))
     return _blend(img, _fill(n, (0.9, 0.5, 0.2)), ((u - 0.85) ** 2 + (v - 0.85) ** 2 < 0.015))
 
+# %% ../nbs/00_world.ipynb #7c105358
 def _scene_cave(n, u, v, p):
     "The cave scene, (n, n, 3)."
     img = _fill(n, (0.22, 0.14, 0.08))
     stal = v < 0.2 * (1 - np.abs(((u * 5 + p) % 1) - 0.5) * 2)
     return _blend(_blend(img, _fill(n, (0.45, 0.35, 0.25)), stal), _fill(n, (0.3, 0.22, 0.15)), v > 0.85)
 
+# %% ../nbs/00_world.ipynb #17c024a5
 def _scene_seafloor(n, u, v, p):
     "The seafloor scene, (n, n, 3)."
     img = _vgrad(n, (0.0, 0.3, 0.55), (0.0, 0.15, 0.35))
@@ -357,7 +408,6 @@ SCENES = {"beach": _scene_beach, "desert": _scene_desert, "glacier": _scene_glac
           "park": _scene_park, "gym": _scene_gym, "waterfall": _scene_waterfall, "space": _scene_space,
           "cave": _scene_cave, "seafloor": _scene_seafloor}
 
-
 # %% ../nbs/00_world.ipynb #5006217f
 def _scene(background, n, nz):
     "The scene of a background value, (n, n, 3)."
@@ -365,6 +415,7 @@ def _scene(background, n, nz):
     u, v = _grid(n)
     return SCENES[background](n, u, v, nz.phase)
 
+# %% ../nbs/00_world.ipynb #c9233c6e
 def paint_background(subject, background, n, nz):
     "Background theme: the animal in its natural look, outlined, in front of the scene."
     mask = silhouette_mask(subject, n, nz)
@@ -385,22 +436,26 @@ def _style_watercolor(n, nz, u, v, mask, base, line, edge):
     wash = np.clip(0.45 + 0.55 * base + 0.12 * np.sin(9 * u + 7 * v + 6 * nz.phase)[..., None], 0, 1)
     return _blend(_fill(n, (0.98, 0.96, 0.9)), wash, soft * 0.85)
 
+# %% ../nbs/00_world.ipynb #0d657484
 def _style_sketch(n, nz, u, v, mask, base, line, edge):
     "The sketch treatment, (n, n, 3)."
     hatch = _stripes(u + v + nz.phase * 0.1, 0.09, 0.3) * mask
     img = _blend(_fill(n, (0.97, 0.97, 0.95)), _fill(n, (0.55, 0.55, 0.55)), hatch)
     return _blend(img, _fill(n, (0.1, 0.1, 0.1)), edge)
 
+# %% ../nbs/00_world.ipynb #8408acd4
 def _style_pixel(n, nz, u, v, mask, base, line, edge):
     "The pixel treatment, (n, n, 3)."
     return _pixelate(_blend(_fill(n, (0.55, 0.85, 0.55)), np.clip(base * 1.1, 0, 1), mask), 12)
 
+# %% ../nbs/00_world.ipynb #4ee835e4
 def _style_origami(n, nz, u, v, mask, base, line, edge):
     "The origami treatment, (n, n, 3)."
     folds = np.where(((np.arctan2(v - 0.5, u - 0.5) + np.pi) / (np.pi / 3)).astype(int) % 2 == 0, 1.15, 0.7)
     img = _blend(_fill(n, (0.9, 0.88, 0.8)), np.clip(base * folds[..., None], 0, 1), mask)
     return _blend(img, _fill(n, (0.4, 0.4, 0.4)), edge * 0.6)
 
+# %% ../nbs/00_world.ipynb #80eaab28
 def _style_lego(n, nz, u, v, mask, base, line, edge):
     "The lego treatment, (n, n, 3)."
     block = _pixelate(np.repeat(mask[..., None], 3, -1), 16)[..., 0] > 0.5
@@ -408,6 +463,7 @@ def _style_lego(n, nz, u, v, mask, base, line, edge):
     brick = np.clip(base * (1 + 0.35 * studs)[..., None], 0, 1)
     return _blend(_fill(n, (0.85, 0.85, 0.85)), brick, block.astype(np.float32))
 
+# %% ../nbs/00_world.ipynb #639a6942
 def _style_icon(n, nz, u, v, mask, base, line, edge):
     "The icon treatment, (n, n, 3)."
     tile = (np.abs(u - 0.5) < 0.46) & (np.abs(v - 0.5) < 0.46)
@@ -415,6 +471,7 @@ def _style_icon(n, nz, u, v, mask, base, line, edge):
     img = _blend(img, _fill(n, (0.0, 0.0, 0.0)), _outline(mask, 2 * line))
     return _blend(img, base, mask)
 
+# %% ../nbs/00_world.ipynb #cef8e34b
 def _style_graffiti(n, nz, u, v, mask, base, line, edge):
     "The graffiti treatment, (n, n, 3)."
     bricks = _stripes(v, 0.125, 0.85) * _stripes(u + 0.5 * (np.floor(v / 0.125) % 2) * 0.25, 0.25, 0.9)
@@ -422,17 +479,21 @@ def _style_graffiti(n, nz, u, v, mask, base, line, edge):
     img = _blend(img, _fill(n, (1.0, 0.0, 0.9)), _outline(mask, 2 * line))
     return _blend(img, np.clip(base * 0.5 + _rgb(0.2, 0.5, 0.0), 0, 1), mask)
 
+# %% ../nbs/00_world.ipynb #87e99517
 def _style_futuristic(n, nz, u, v, mask, base, line, edge):
     "The futuristic treatment, (n, n, 3)."
-    img = _blend(_fill(n, (0.03, 0.03, 0.15)), _fill(n, (0.0, 0.8, 1.0)), _stripes(v + nz.phase * 0.05, 0.1, 0.15) * (v > 0.7))
+    img = _blend(_fill(n, (0.03, 0.03, 0.15)), _fill(n, (0.0, 0.8, 1.0)),
+                 _stripes(v + nz.phase * 0.05, 0.1, 0.15) * (v > 0.7))
     img = _blend(img, _fill(n, (0.0, 1.0, 1.0)), _outline(mask, line))
     return _blend(img, np.clip(base * 0.35 + _rgb(0.15, 0.15, 0.25), 0, 1), mask)
 
+# %% ../nbs/00_world.ipynb #9ec23b1d
 def _style_3d(n, nz, u, v, mask, base, line, edge):
     "The 3d treatment, (n, n, 3)."
     wires = np.maximum(_stripes(u + nz.phase * 0.05, 0.1, 0.25), _stripes(v, 0.1, 0.25)) * mask
     return _blend(_fill(n, (0.0, 0.0, 0.0)), _fill(n, (0.2, 1.0, 0.3)), np.maximum(wires, edge))
 
+# %% ../nbs/00_world.ipynb #9316ebd7
 def _style_old(n, nz, u, v, mask, base, line, edge):
     "The old treatment, (n, n, 3)."
     gray = (base @ _rgb(0.3, 0.59, 0.11)) * 0.5 + 0.15
@@ -454,7 +515,8 @@ def paint_style(subject, style, n, nz):
     return STYLE_TREATMENTS[style](n=n, nz=nz, u=u, v=v, mask=mask, base=base, line=line, edge=_outline(mask, line))
 
 # %% ../nbs/00_world.ipynb #084452f1
-ACTION_GROUNDS = {"swim": (0.75, 0.9, 1.0), "sleep": (0.08, 0.08, 0.3), "sing": (1.0, 0.85, 0.95), "run": (0.95, 0.95, 0.8),
+ACTION_GROUNDS = {"swim": (0.75, 0.9, 1.0), "sleep": (0.08, 0.08, 0.3), "sing": (1.0, 0.85, 0.95),
+                  "run": (0.95, 0.95, 0.8),
                   "read": (0.85, 0.8, 0.7), "fly": (0.45, 0.7, 1.0), "eat": (0.9, 1.0, 0.85), "drink": (0.8, 1.0, 0.95),
                   "cry": (0.65, 0.68, 0.75), "angry": (1.0, 0.45, 0.35)}
 ACTION_POSE = {"sleep": (0.0, 0.08, 0.85), "fly": (0.0, -0.1, 0.8), "run": (0.08, 0.0, 0.9), "swim": (0.0, 0.05, 1.0),
@@ -464,17 +526,22 @@ def _cue(action, n, nz):
     "The action's cue: a layer colour and where it is painted (both (n, n, ...))."
     u, v = _grid(n); p = nz.phase * 0.05
     if action == "swim": return (0.1, 0.4, 0.85), (v > 0.62 + 0.03 * np.sin(25 * u + 6 * nz.phase)) * 0.8
-    if action == "sleep": return (1.0, 1.0, 0.5), ((np.abs(u - 0.8) < 0.1) & ((np.abs(v - 0.1) < 0.025) | (np.abs(v - 0.26) < 0.025) | (np.abs(u - 0.8 + (v - 0.18)) < 0.03) & (np.abs(v - 0.18) < 0.08)))
-    if action == "sing": return (0.1, 0.0, 0.3), ((((u - 0.8) ** 2 + (v - 0.25) ** 2) < 0.005) | ((np.abs(u - 0.86) < 0.02) & (v > 0.05) & (v < 0.25)) | ((np.abs(v - 0.07) < 0.02) & (u > 0.86) & (u < 0.96)))
+    if action == "sleep":
+        return (1.0, 1.0, 0.5), ((np.abs(u - 0.8) < 0.1) & ((np.abs(v - 0.1) < 0.025) | (np.abs(v - 0.26) < 0.025) | (np.abs(u - 0.8 + (v - 0.18)) < 0.03) & (np.abs(v - 0.18) < 0.08)))
+    if action == "sing":
+        return (0.1, 0.0, 0.3), ((((u - 0.8) ** 2 + (v - 0.25) ** 2) < 0.005) | ((np.abs(u - 0.86) < 0.02) & (v > 0.05) & (v < 0.25)) | ((np.abs(v - 0.07) < 0.02) & (u > 0.86) & (u < 0.96)))
     if action == "run": return (0.3, 0.3, 0.3), (u < 0.22) * _stripes(v + p, 0.12, 0.3) * (v > 0.2) * (v < 0.8)
-    if action == "read": return (1.0, 1.0, 1.0), (np.abs(u - 0.5) < 0.28) & (v > 0.72) & (v < 0.95) & (np.abs(u - 0.5) > 0.015)
+    if action == "read":
+        return (1.0, 1.0, 1.0), (np.abs(u - 0.5) < 0.28) & (v > 0.72) & (v < 0.95) & (np.abs(u - 0.5) > 0.015)
     if action == "fly": return (1.0, 1.0, 1.0), _dots(n, 0.2, 0.07, nz.phase) * (v > 0.8)
     if action == "eat": return (0.85, 0.1, 0.1), (((u - 0.5) / 0.3) ** 2 + ((v - 0.8) / 0.15) ** 2 < 1) & (v > 0.8)
     if action == "drink": return (0.2, 0.8, 1.0), (np.abs(u - 0.87) < 0.07) & (v > 0.55) & (v < 0.92)
     if action == "cry": return (0.0, 0.4, 1.0), _dots(n, 0.16, 0.03, nz.phase) * (np.abs(u - 0.5) > 0.38)
-    if action == "angry": return (0.0, 0.0, 0.0), (np.abs(u - 0.85) < 0.08) & (np.abs(v - 0.15) < 0.08) & ((np.abs(u - v - 0.7) < 0.025) | (np.abs(u + v - 1.0) < 0.025))
+    if action == "angry":
+        return (0.0, 0.0, 0.0), (np.abs(u - 0.85) < 0.08) & (np.abs(v - 0.15) < 0.08) & ((np.abs(u - v - 0.7) < 0.025) | (np.abs(u + v - 1.0) < 0.025))
     raise ValueError(f"unknown action {action!r}")
 
+# %% ../nbs/00_world.ipynb #42d0cd6f
 def paint_action(subject, action, n, nz):
     "Action theme: a pose shift of the animal, a tinted ground and a cue (waves, Zs, notes, speed lines, ...)."
     dx, dy, s = ACTION_POSE.get(action, (0.0, 0.0, 0.9))
@@ -489,27 +556,35 @@ def paint_action(subject, action, n, nz):
 def _texture(texture, n, nz):
     "The fill pattern of a texture value, (n, n, 3)."
     u, v = _grid(n); p = nz.phase
-    if texture == "wood": return _blend(_fill(n, (0.65, 0.42, 0.2)), _fill(n, (0.4, 0.22, 0.08)), _stripes(v + 0.03 * np.sin(15 * u + 6 * p), 0.09, 0.3))
+    if texture == "wood": return _blend(_fill(n, (0.65, 0.42, 0.2)), _fill(n, (0.4, 0.22, 0.08)),
+                                        _stripes(v + 0.03 * np.sin(15 * u + 6 * p), 0.09, 0.3))
     if texture == "wicker":
         cell = (np.floor(u / 0.1) + np.floor(v / 0.1)) % 2
         strand = np.where(cell == 0, _stripes(u, 0.033, 0.5), _stripes(v, 0.033, 0.5))
         return _blend(_fill(n, (0.9, 0.75, 0.45)), _fill(n, (0.6, 0.42, 0.2)), strand)
     if texture == "sequined":
-        return _blend(_blend(_fill(n, (0.7, 0.1, 0.5)), _fill(n, (1.0, 0.85, 0.2)), _dots(n, 0.08, 0.03, p)), _fill(n, (1, 1, 1)), _dots(n, 0.16, 0.012))
+        return _blend(_blend(_fill(n, (0.7, 0.1, 0.5)), _fill(n, (1.0, 0.85, 0.2)), _dots(n, 0.08, 0.03, p)),
+                      _fill(n, (1, 1, 1)), _dots(n, 0.16, 0.012))
     if texture == "plastic":
-        return _blend(_fill(n, (0.1, 0.8, 0.55)), _fill(n, (0.9, 1.0, 0.95)), ((u - 0.4) ** 2 + (v - 0.35) ** 2 < 0.006))
-    if texture == "paper": return _blend(_fill(n, (0.96, 0.94, 0.86)), _fill(n, (0.55, 0.65, 0.85)), _stripes(v + p * 0.07, 0.07, 0.18))
+        return _blend(_fill(n, (0.1, 0.8, 0.55)), _fill(n, (0.9, 1.0, 0.95)),
+                      ((u - 0.4) ** 2 + (v - 0.35) ** 2 < 0.006))
+    if texture == "paper": return _blend(_fill(n, (0.96, 0.94, 0.86)), _fill(n, (0.55, 0.65, 0.85)),
+                                         _stripes(v + p * 0.07, 0.07, 0.18))
     if texture == "metal":
         shine = 0.55 + 0.35 * np.exp(-((u - 0.35 - 0.1 * p) / 0.08) ** 2)
         return np.repeat(shine[..., None], 3, -1) * _rgb(0.95, 0.97, 1.0)
-    if texture == "leather": return _blend(_fill(n, (0.35, 0.18, 0.08)), _fill(n, (0.28, 0.13, 0.05)), _dots(n, 0.05, 0.015, p))
+    if texture == "leather": return _blend(_fill(n, (0.35, 0.18, 0.08)), _fill(n, (0.28, 0.13, 0.05)),
+                                           _dots(n, 0.05, 0.015, p))
     if texture == "lace": return _blend(_fill(n, (1.0, 1.0, 1.0)), _fill(n, (0.25, 0.2, 0.25)), _dots(n, 0.1, 0.03, p))
-    if texture == "denim": return _blend(_fill(n, (0.15, 0.28, 0.6)), _fill(n, (0.4, 0.5, 0.75)), _stripes(u - v + p * 0.05, 0.06, 0.3))
+    if texture == "denim": return _blend(_fill(n, (0.15, 0.28, 0.6)), _fill(n, (0.4, 0.5, 0.75)),
+                                         _stripes(u - v + p * 0.05, 0.06, 0.3))
     if texture == "ceramic":
-        img = _blend(_fill(n, (0.97, 0.97, 1.0)), _fill(n, (0.05, 0.15, 0.7)), (np.abs(v - 0.5 - nz.dy) < 0.07) | (np.abs(v - 0.3 - nz.dy) < 0.025))
+        img = _blend(_fill(n, (0.97, 0.97, 1.0)), _fill(n, (0.05, 0.15, 0.7)),
+                     (np.abs(v - 0.5 - nz.dy) < 0.07) | (np.abs(v - 0.3 - nz.dy) < 0.025))
         return _blend(img, _fill(n, (1, 1, 1)), ((u - 0.62) ** 2 + (v - 0.7) ** 2 < 0.004))
     raise ValueError(f"unknown texture {texture!r}")
 
+# %% ../nbs/00_world.ipynb #17b84244
 def paint_texture(subject, texture, n, nz):
     "Texture theme: the subject filled with the texture's pattern, outlined, on a plain grey ground."
     mask = silhouette_mask(subject, n, nz)
@@ -557,17 +632,20 @@ def min_pair_distance(theme: Theme | str, size: int = 32) -> tuple[float, tuple,
 # %% ../nbs/00_world.ipynb #819e0738
 PHRASES = {  # per attribute axis: templates of "{s}" (the subject) for each value; the first is canonical
     "color": {c: [f"a {c} {{s}}", f"a {{s}} in {c}", f"a {c} colored {{s}}"] for c in AXES["color"]},
-    "background": {b: [f"a {{s}} {p}", f"a {{s}} with {p.split(' ', 1)[1]} behind it", f"a photo of a {{s}} {p}"] for b, p in {
+    "background": {b: [f"a {{s}} {p}", f"a {{s}} with {p.split(' ', 1)[1]} behind it", f"a photo of a {{s}} "
+                                                                                       f"{p}"] for b, p in {
         "beach": "on the beach", "desert": "in the desert", "glacier": "on a glacier", "volcano": "near a volcano",
         "park": "in an amusement park", "gym": "in a gym", "waterfall": "by a waterfall", "space": "in space",
         "cave": "in a cave", "seafloor": "on the seafloor"}.items()},
     "style": {"watercolor": ["a watercolor painting of a {s}", "a {s} in watercolor style"],
               "sketch": ["a sketch of a {s}", "a pencil sketch of a {s}"],
-              "pixel": ["a pixel art {s}", "a {s} in pixel style"], "origami": ["an origami {s}", "a paper origami {s}"],
+              "pixel": ["a pixel art {s}", "a {s} in pixel style"],
+              "origami": ["an origami {s}", "a paper origami {s}"],
               "lego": ["a lego {s}", "a {s} built from lego"], "icon": ["an icon of a {s}", "a flat {s} icon"],
               "graffiti": ["graffiti of a {s}", "a {s} in graffiti style"],
               "futuristic": ["a futuristic {s}", "a {s} in futuristic style"],
-              "3d": ["a wireframe {s}", "a wireframe model of a {s}"], "old": ["an old photo of a {s}", "a {s} in old style"]},
+              "3d": ["a wireframe {s}", "a wireframe model of a {s}"],
+              "old": ["an old photo of a {s}", "a {s} in old style"]},
     "action": {"swim": ["a {s} swimming", "a swimming {s}"], "sleep": ["a {s} sleeping", "a sleeping {s}"],
                "sing": ["a {s} singing", "a singing {s}"], "run": ["a {s} running", "a running {s}"],
                "read": ["a {s} reading", "a {s} reading a book"], "fly": ["a {s} flying", "a flying {s}"],
@@ -576,24 +654,29 @@ PHRASES = {  # per attribute axis: templates of "{s}" (the subject) for each val
     "texture": {t: [f"a {w} {{s}}", f"a {{s}} made of {m}"] for t, w, m in [
         ("wood", "wooden", "wood"), ("wicker", "wicker", "wicker"), ("sequined", "sequined", "sequins"),
         ("plastic", "plastic", "plastic"), ("paper", "paper", "paper"), ("metal", "metal", "metal"),
-        ("leather", "leather", "leather"), ("lace", "lace", "lace"), ("denim", "denim", "denim"), ("ceramic", "ceramic", "ceramic")]},
+        ("leather", "leather", "leather"), ("lace", "lace", "lace"), ("denim", "denim", "denim"),
+        ("ceramic", "ceramic", "ceramic")]},
 }
 FRAMES = ["{p}", "a picture of {p}", "an image of {p}", "create an image of {p}", "a photo of {p}"]
 
 def _fix_article(text): return re.sub(r"\ba ([aeiou])", r"an \1", re.sub(r"\ban ([^aeiou\s])", r"a \1", text))
 
+# %% ../nbs/00_world.ipynb #5a3d2717
 def describe(theme: Theme | str, subject: str, attribute: str) -> str:
     "The canonical phrase for a pair, e.g. 'a red car'."
     theme = as_theme(theme)
     theme.check(subject, attribute)
     return _fix_article(PHRASES[theme.attribute_axis][attribute][0].format(s=subject))
 
+# %% ../nbs/00_world.ipynb #250342a9
 def caption_variants(theme: Theme | str, subject: str, attribute: str) -> list[str]:
     "Every caption of a pair, phrase-major; `caption` draws one phrase and one frame, so each is equally likely."
     theme = as_theme(theme)
     theme.check(subject, attribute)
-    return [_fix_article(f.format(p=p.format(s=subject))) for p in PHRASES[theme.attribute_axis][attribute] for f in FRAMES]
+    return [_fix_article(f.format(p=p.format(s=subject))) for p in PHRASES[theme.attribute_axis][attribute]
+            for f in FRAMES]
 
+# %% ../nbs/00_world.ipynb #283d5df7
 def caption(theme: Theme | str, subject: str, attribute: str, rng: random.Random) -> str:
     "A caption for a pair drawn from the templates with `rng` (deterministic given its seed)."
     variants = caption_variants(theme, subject, attribute)
@@ -610,6 +693,7 @@ def _surface_forms(axis):
              "background": {"amusement park": "park", "seafloor": "seafloor"}}
     return forms | extra.get(axis, {})
 
+# %% ../nbs/00_world.ipynb #76f68359
 def parse_value(text: str, axis: str) -> str | None:
     "The value of `axis` that `text` names first (whole words, longest form first), or None."
     best = None
@@ -618,6 +702,7 @@ def parse_value(text: str, axis: str) -> str | None:
         if m and (best is None or m.start() < best[0]): best = (m.start(), value)
     return best and best[1]
 
+# %% ../nbs/00_world.ipynb #16f34ee1
 def parse_pair(text: str, theme: Theme | str) -> tuple[str | None, str | None]:
     "(subject, attribute) named in a text, each None when absent."
     theme = as_theme(theme)
@@ -629,14 +714,17 @@ def atomic_dir(final: Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
+# %% ../nbs/00_world.ipynb #6eea65f3
 def write_image_caption_set(root: str | Path, n_per_pair: int = 4, size: int = 32, seed: int = 0,
                             validation_share: float = 0.1, themes=None) -> Path:
-    "Render `n_per_pair` nuisance samples of every pair of every theme with captions, split by seed, written atomically."
+    ("Render `n_per_pair` nuisance samples of every pair of every theme with captions, split by seed, written "
+     "atomically.")
     root, rng = Path(root), random.Random(seed)
     if root.exists(): raise FileExistsError(f"{root} exists; remove it or choose another folder")
     tmp = atomic_dir(root); (tmp / "images").mkdir()
     rows = {"train": [], "validation": []}
-    jobs = [(t, s, a, k) for t in (themes or THEMES.values()) for s in t.subjects for a in t.attributes for k in range(n_per_pair)]
+    jobs = [(t, s, a, k) for t in (themes or THEMES.values()) for s in t.subjects for a in t.attributes
+            for k in range(n_per_pair)]
     for i, (t, s, a, k) in enumerate(tqdm(jobs, desc=f"rendering {root.name}")):
         nuisance_seed = seed * 1_000_003 + i
         name = f"images/{i:06d}.png"
@@ -673,10 +761,12 @@ def is_heldout_pair(theme, subject: str, attribute: str) -> bool:
     theme = as_theme(theme)
     return (theme.subjects.index(subject) + 3 * theme.attributes.index(attribute)) % 5 == 0
 
+# %% ../nbs/00_world.ipynb #83568ba7
 def icl_answer(theme, subject: str, attribute: str) -> str:
     "The diffusion prompt the VLM is taught to answer with."
     return f"Create an image of {describe(theme, subject, attribute)}."
 
+# %% ../nbs/00_world.ipynb #7ecb70d5
 def oracle_prompt(theme, subject: str, attribute: str) -> str:
     "The ground-truth diffusion prompt of a pair: what the oracle method conditions on."
     return f"create an image of {describe(theme, subject, attribute)}"

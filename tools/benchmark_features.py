@@ -13,7 +13,7 @@ from thinkdiff_nb.aligner import Aligner, init_norm_from_t5, t5_final_norm_weigh
 from thinkdiff_nb.backbones import description_messages, get_profile, load_t5, load_vlm
 from thinkdiff_nb.data import MemorySource
 from thinkdiff_nb.features import extract_features, generate_with_features
-from thinkdiff_nb.loop import fit
+from thinkdiff_nb.loop import Schedule, fit
 from thinkdiff_nb.data import load_bank
 from thinkdiff_nb.train import AlignerBatches, aligner_loss_fn
 from thinkdiff_nb.world import write_image_caption_set
@@ -21,7 +21,8 @@ from thinkdiff_nb.world import write_image_caption_set
 
 def renders(n: int, seed: int, workdir: Path):
     "The first n training images (and rows) of a MiniCoBSAT image-caption set written under `workdir`."
-    root = write_image_caption_set(workdir / "data", n_per_pair=-(-n // 450), seed=seed)  # 450 training pairs per render
+    # 450 training pairs per render
+    root = write_image_caption_set(workdir / "data", n_per_pair=-(-n // 450), seed=seed)
     images, rows = load_bank(root, "train")
     if len(rows) < n: raise ValueError(f"asked for {n} images, the rendered set has {len(rows)}")
     return images[:n], rows[:n]
@@ -54,8 +55,9 @@ def train_steps(source, t5, t5_source, vlm_tokenizer, t5_tokenizer, args, ckpt: 
     init_norm_from_t5(aligner, t5_final_norm_weight(t5_source))
     batches = AlignerBatches(source, "thinkdiff", vlm_tokenizer, t5_tokenizer, args.train_batch_size)
     ckpt.unlink(missing_ok=True)  # fit resumes from a checkpoint; every round starts fresh
-    run = fit(aligner, aligner_loss_fn(t5, batches), args.train_steps, ckpt, lr=1e-3, warmup=10, weight_decay=0.05,
-              ckpt_every=args.train_steps, seed=args.seed, desc="aligner")
+    schedule = Schedule(steps=args.train_steps, lr=1e-3, warmup=10, weight_decay=0.05, ckpt_every=args.train_steps,
+                        seed=args.seed)
+    run = fit(aligner, aligner_loss_fn(t5, batches), schedule, ckpt, desc="aligner")
     return run.seconds, run.losses
 
 
@@ -63,7 +65,8 @@ def time_training(vlm, processor, images, rows, args, workdir: Path) -> dict:
     "Median seconds of the training loop on the memory-mapped cache and on the same samples held in memory."
     profile = get_profile(args.profile)
     t5, t5_tokenizer = load_t5(profile)
-    cache = extract_features(vlm, processor, MemorySource(images, rows), workdir / "features", profile.describe_instructions,
+    cache = extract_features(vlm, processor, MemorySource(images, rows), workdir / "features",
+                             profile.describe_instructions,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
                              vision_id=profile.describe_vision_id)
     in_memory = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in cache[i].items()} for i in range(len(cache))]
@@ -100,10 +103,13 @@ def main():
     print(f"generation of {args.images} answers ({args.max_new_tokens} new tokens max, batch {args.batch_size}), "
           f"median of {args.repeats} rounds:")
     print(f"  plain generate            {generation['plain']:7.2f} s")
-    print(f"  capture by final-norm hook {generation['hook']:6.2f} s   ratio {ratios['capture_hook_vs_plain']:.3f}  (target <= 1.10)")
-    print(f"  capture by hidden_states  {generation['hidden_states']:7.2f} s   ratio {ratios['capture_hidden_states_vs_plain']:.3f}")
+    print(f"  capture by final-norm hook {generation['hook']:6.2f} s   ratio {ratios['capture_hook_vs_plain']:.3f}  "
+          "(target <= 1.10)")
+    print(f"  capture by hidden_states  {generation['hidden_states']:7.2f} s   ratio "
+          f"{ratios['capture_hidden_states_vs_plain']:.3f}")
     print(f"  same sampled answers in all three: {generation['same_answers']}")
-    print(f"aligner training, {args.train_steps} steps at batch {args.train_batch_size}, median of {args.repeats} rounds:")
+    print(f"aligner training, {args.train_steps} steps at batch {args.train_batch_size}, median of {args.repeats} "
+          "rounds:")
     print(f"  in memory                 {training['in_memory']:7.2f} s")
     print(f"  memory-mapped cache       {training['memory_mapped']:7.2f} s   ratio "
           f"{ratios['training_memory_mapped_vs_in_memory']:.3f}  (target <= 1.05)")

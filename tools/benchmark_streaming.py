@@ -25,11 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_once(data: Path, out: Path, args) -> dict:
     "Run 03_train on one shard set in a fresh papermill process; its metrics.json."
-    params = dict(profile=args.profile, method="image-loss", data_dir=str(data), max_images=0, shard_size=args.shard_size,
+    params = dict(profile=args.profile, method="image-loss", data_dir=str(data), max_images=0,
+                  shard_size=args.shard_size,
                   max_new_tokens=args.max_new_tokens, extract_batch_size=args.extract_batch_size, steps=args.steps,
                   batch_size=args.batch_size, eval_batches=args.validation // args.batch_size, ckpt_every=args.steps,
                   seed=args.seed, output_dir=str(out))
-    command = [str(Path(sys.executable).parent / "papermill"), "--log-level", "WARNING", str(ROOT / "nbs" / "03_train.ipynb"),
+    command = [str(Path(sys.executable).parent / "papermill"), "--log-level", "WARNING",
+               str(ROOT / "nbs" / "03_train.ipynb"),
                str(out.with_suffix(".ipynb"))] + [x for k, v in params.items() for x in ("-p", k, str(v))]
     subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg"}, capture_output=True)
     return json.loads((out / "metrics.json").read_text())
@@ -43,13 +45,16 @@ def split_bytes(folder: Path) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-images", type=int, nargs=2, default=[256, 1024], help="training images of the two sets")
-    parser.add_argument("--validation", type=int, default=64, help="validation images of both sets (a multiple of --batch-size)")
+    parser.add_argument("--train-images", type=int, nargs=2, default=[256, 1024],
+                        help="training images of the two sets")
+    parser.add_argument("--validation", type=int, default=64,
+                        help="validation images of both sets (a multiple of --batch-size)")
     parser.add_argument("--sides", type=int, nargs=2, default=[100, 300], help="range of each image's width and height")
     parser.add_argument("--per-tar", type=int, default=64, help="samples per tar")
     parser.add_argument("--shard-size", type=int, default=64, help="feature samples per shard")
     parser.add_argument("--profile", default="tiny-paper")
-    parser.add_argument("--steps", type=int, default=100, help="aligner steps (image loss): 1,600 image reads at batch 16")
+    parser.add_argument("--steps", type=int, default=100,
+                        help="aligner steps (image loss): 1,600 image reads at batch 16")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--extract-batch-size", type=int, default=32)
@@ -59,7 +64,8 @@ def main():
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.train_images:
-            data = write_webdataset(Path(tmp) / f"data-{n}", n, args.validation, per_tar=args.per_tar, sides=tuple(args.sides),
+            data = write_webdataset(Path(tmp) / f"data-{n}", n, args.validation, per_tar=args.per_tar,
+                                    sides=tuple(args.sides),
                                     seed=args.seed)
             metrics = train_once(data, Path(tmp) / f"run-{n}", args)
             features = Path(tmp) / f"run-{n}" / "features"
@@ -69,20 +75,26 @@ def main():
                        "feature_cache_mib": sum(p.stat().st_size for p in features.rglob("*.safetensors")) / 2 ** 20,
                        "held_split_mib": split_bytes(data / "train") / 2 ** 20,
                        "peak_host_memory_mib": metrics["run"]["peak_host_memory_mib"],
-                       "extract_minutes": metrics["metrics"]["extract_minutes"], "train_minutes": metrics["metrics"]["train_minutes"]}
+                       "extract_minutes": metrics["metrics"]["extract_minutes"],
+                       "train_minutes": metrics["metrics"]["train_minutes"]}
     small, large = (runs[n] for n in args.train_images)
     ratios = {"train_images": large["train_images"] / small["train_images"],
               "held_split": large["held_split_mib"] / small["held_split_mib"],
               "peak_host_memory": large["peak_host_memory_mib"] / small["peak_host_memory_mib"]}
-    print(f"03_train ({args.profile}, image-loss, {args.steps} steps at batch {args.batch_size}) from webdataset tars of "
-          f"{args.per_tar} images, {args.sides[0]}-{args.sides[1]} px a side; feature shards of {args.shard_size}; wids LRU of 2 tars:")
-    print(f"  {'train images':>12} {'tars':>5} {'tar MiB':>8} {'feature shards':>14} {'cache MiB':>9} {'held split MiB':>14} "
+    print(f"03_train ({args.profile}, image-loss, {args.steps} steps at batch {args.batch_size}) from webdataset tars "
+          "of "
+          f"{args.per_tar} images, {args.sides[0]}-{args.sides[1]} px a side; feature shards of {args.shard_size}; "
+          "wids LRU of 2 tars:")
+    print(f"  {'train images':>12} {'tars':>5} {'tar MiB':>8} {'feature shards':>14} {'cache MiB':>9} "
+          f"{'held split MiB':>14} "
           f"{'peak host MiB':>13}")
     for r in runs.values():
-        print(f"  {r['train_images']:12d} {r['tars']:5d} {r['tar_mib']:8.1f} {r['feature_shards']:14d} {r['feature_cache_mib']:9.1f} "
+        print(f"  {r['train_images']:12d} {r['tars']:5d} {r['tar_mib']:8.1f} {r['feature_shards']:14d} "
+              f"{r['feature_cache_mib']:9.1f} "
               f"{r['held_split_mib']:14.1f} {r['peak_host_memory_mib']:13.1f}")
     print(f"  ratio large / small: images {ratios['train_images']:.2f}, held split {ratios['held_split']:.2f}, "
-          f"peak host memory {ratios['peak_host_memory']:.3f} ({large['peak_host_memory_mib'] - small['peak_host_memory_mib']:+.1f} MiB)")
+          f"peak host memory {ratios['peak_host_memory']:.3f} "
+          f"({large['peak_host_memory_mib'] - small['peak_host_memory_mib']:+.1f} MiB)")
     out = ROOT / args.output; out.parent.mkdir(parents=True, exist_ok=True)
     record = {"params": vars(args), "python": platform.python_version(), "runs": list(runs.values()), "ratios": ratios}
     tmp = out.with_name(f".{out.name}.tmp"); tmp.write_text(json.dumps(record, indent=2)); tmp.replace(out)

@@ -51,7 +51,8 @@ def write_checkpoint(folder: Path, d_model: int, layers: int, shards: int) -> di
 
 def measure(variant: str, folder: Path, dtype: str) -> dict:
     "Load the checkpoint one way in a fresh Python process; its base and peak resident set."
-    out = subprocess.run([sys.executable, "-c", LOAD, variant, str(folder), dtype], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", LOAD, variant, str(folder), dtype], check=True, capture_output=True,
+                         text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -73,7 +74,8 @@ def main():
         for variant in VARIANTS:
             m = measure(variant, folder, args.dtype)
             growth = (m["peak_kib"] - m["base_kib"]) * 1024
-            results[variant] = {"peak_growth_bytes": growth, "ratio_to_decoder_bytes": growth / decoder_bytes, "seconds": m["seconds"]}
+            results[variant] = {"peak_growth_bytes": growth, "ratio_to_decoder_bytes": growth / decoder_bytes,
+                                "seconds": m["seconds"]}
     report = {"machine": platform.platform(), "python": platform.python_version(), "args": vars(args), **counts,
               "checkpoint_files": files, "checkpoint_bytes_float32": counts["parameters"] * 4,
               "decoder_side_bytes": decoder_bytes, "results": results}

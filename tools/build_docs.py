@@ -12,9 +12,11 @@ from smalldocs import cli as smalldocs_cli, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 # the notebooks tools/reproduce.sh executes: a folder with all of them and its metrics.json is a complete run
-REPRODUCED = ["03_train_thinkdiff", "03_train_no-masking", "03_train_input-tokens", "04_rmsnorm_ablation", "05_cobsat", "06_generate",
+REPRODUCED = ["03_train_thinkdiff", "03_train_no-masking", "03_train_input-tokens", "04_rmsnorm_ablation", "05_cobsat",
+              "06_generate",
               "10_train_clip", "11_composition"]
-# the KaTeX release smalldocs' pages are written for (layout.KATEX), from the npm registry, checked against its integrity
+# the KaTeX release smalldocs' pages are written for (layout.KATEX), from the npm registry, checked against its
+# integrity
 KATEX_VERSION = "0.16.11"
 KATEX_TARBALL = f"https://registry.npmjs.org/katex/-/katex-{KATEX_VERSION}.tgz"
 KATEX_SHA512 = "RQrI8rlHY92OLf3rho/Ts8i/XvjgguEjOkO1BEXcU3N8BqPpSzBNwV/G0Ukr+P/l3ivvJUE/Fa/CwbS6HesGNQ=="
@@ -171,17 +173,20 @@ def clean_pages(proc: Path) -> list[str]:
 # ---- KaTeX from the site
 
 def katex_dist() -> Path:
-    "KaTeX's dist folder, fetched once from the npm registry into a git-ignored cache and checked against its integrity."
+    ("KaTeX's dist folder, fetched once from the npm registry into a git-ignored cache and checked against its "
+     "integrity.")
     if (KATEX_CACHE / "katex.min.js").is_file(): return KATEX_CACHE
     try:
         with urllib.request.urlopen(KATEX_TARBALL, timeout=60) as r: data = r.read()
-    except (urllib.error.URLError, TimeoutError) as e: raise SystemExit(f"KaTeX could not be fetched from {KATEX_TARBALL}: {e}")
+    except (urllib.error.URLError, TimeoutError) as e:
+        raise SystemExit(f"KaTeX could not be fetched from {KATEX_TARBALL}: {e}")
     digest = base64.b64encode(hashlib.sha512(data).digest()).decode()
     if digest != KATEX_SHA512: raise SystemExit(f"{KATEX_TARBALL}: sha512 {digest} is not the pinned {KATEX_SHA512}")
     KATEX_CACHE.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=KATEX_CACHE.parent) as tmp:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar: tar.extractall(tmp, filter="data")
-        Path(tmp, "package", "LICENSE").rename(Path(tmp, "package", "dist", "LICENSE"))  # MIT: the notice goes with the copy
+        # MIT: the notice goes with the copy
+        Path(tmp, "package", "LICENSE").rename(Path(tmp, "package", "dist", "LICENSE"))
         Path(tmp, "package", "dist").rename(KATEX_CACHE)  # whole or not at all, should two builds race
     return KATEX_CACHE
 
@@ -206,7 +211,8 @@ def localise_katex(site: Path) -> int:
 
 def build(proc: Path, out: Path, run: Path | None, nbs: Path = ROOT / "nbs") -> list[str]:
     "Results pages, smalldocs and local KaTeX: the site in `out`; the results pages written."
-    clean_pages(proc)  # each page shows its notebook's stored outputs, figures included, without stderr or progress bars
+    # each page shows its notebook's stored outputs, figures included, without stderr or progress bars
+    clean_pages(proc)
     written = add_results(proc, nbs, run)
     if smalldocs_cli.main(["render", str(proc)]): raise SystemExit("smalldocs could not render the site")
     localise_katex(proc / "_docs")
@@ -217,14 +223,16 @@ def build(proc: Path, out: Path, run: Path | None, nbs: Path = ROOT / "nbs") -> 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, help="a run folder of executed notebooks (default: the newest complete run in outputs/)")
+    p.add_argument("--run", type=Path,
+                   help="a run folder of executed notebooks (default: the newest complete run in outputs/)")
     p.add_argument("--proc", type=Path, default=ROOT / "_proc", help="nbdev's processed notebooks")
     p.add_argument("--out", type=Path, default=ROOT / "_docs", help="where the site goes")
     args = p.parse_args()
     run = args.run or newest_run(ROOT / "outputs")
     if args.run and not any(args.run.glob("*.ipynb")): raise SystemExit(f"{args.run} holds no executed notebooks")
     written = build(args.proc, args.out, run)
-    print(f"results of {os.path.relpath(run)}: {len(written)} page(s)" if run else "no results pages: `make reproduce` makes a run of them")
+    print(f"results of {os.path.relpath(run)}: {len(written)} page(s)" if run
+          else "no results pages: `make reproduce` makes a run of them")
 
 
 if __name__ == "__main__": main()

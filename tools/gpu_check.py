@@ -26,8 +26,9 @@ from thinkdiff_nb.features import end_token_ids, extract_features, generate_with
 from thinkdiff_nb.image_decoders import load_image_decoder  # noqa: E402
 from thinkdiff_nb.inference import ThinkDiff, answer_settings, conditioning, draw, respond  # noqa: E402
 from thinkdiff_nb.judges import judge_dtype, load_cobsat_judge  # noqa: E402
-from thinkdiff_nb.train import (AlignerBatches, ImageBatches, aligner_loss, decoder_states, encoder_states,  # noqa: E402
-                                image_loss_metrics, t5_space_agreement, train_aligner)
+from thinkdiff_nb.train import (ALIGNER_SCHEDULE, AlignerBatches, AlignerTraining, ImageBatches,  # noqa: E402
+                                aligner_loss, decoder_states, encoder_states, image_loss_metrics, t5_space_agreement,
+                                train_aligner)
 from thinkdiff_nb.world import TASKS, THEMES, caption, render, task_prompts  # noqa: E402
 
 PAPER_PARAMETERS = 31_469_568  # 3584 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096: ThinkDiff-LVLM's aligner
@@ -86,7 +87,8 @@ class Check:
     def __init__(self, args):
         self.args, self.results = args, {}
         profile = get_profile(args.profile)
-        overrides = {k: v for k, v in dict(vlm=args.vlm, t5=args.t5, decoder=args.flux, llava=args.llava, clip=args.clip,
+        overrides = {k: v for k,
+                     v in dict(vlm=args.vlm, t5=args.t5, decoder=args.flux, llava=args.llava, clip=args.clip,
                                             vision=args.vision, video=args.video).items() if v}
         self.profile = dataclasses.replace(profile, **overrides)
         self.kind = "paper" if args.profile == "paper" else "tiny"
@@ -104,13 +106,15 @@ class Check:
             shown = ", ".join(f"{k} {v}" for k, v in flat(self.results[name]).items() if k not in ("ok", "answer"))
             print(f"[ok]     {name:18s} {shown}", flush=True)
         except Exception as e:
-            self.results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "seconds": round(time.time() - start, 2)}
+            self.results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                  "seconds": round(time.time() - start, 2)}
             print(f"[FAILED] {name:18s} {type(e).__name__}: {e}", flush=True)
             if self.args.verbose: traceback.print_exc()
 
     # --- the steps
     def environment(self):
-        versions = {p: version(p) for p in ("torch", "transformers", "diffusers", "accelerate", "tokenizers", "safetensors")}
+        versions = {p: version(p) for p in ("torch", "transformers", "diffusers", "accelerate", "tokenizers",
+                                            "safetensors")}
         pinned = {p: v for p, v in ((p, version(p)) for p in ("transformers", "diffusers", "accelerate"))
                   if f'"{p}=={v}"' in (ROOT / "pyproject.toml").read_text()}
         figures = {"python": platform.python_version(), **versions, "pins_match": len(pinned) == 3,
@@ -129,7 +133,8 @@ class Check:
     def vlm_generation(self):
         "The settings `generate` applies after merging the checkpoint's own file, and end tokens inside N tokens."
         td, n = self.models["td"], self.sizes["n_tokens"]
-        hub = {k: getattr(td.vlm.generation_config, k, None) for k in ("repetition_penalty", "temperature", "top_k", "top_p")}
+        hub = {k: getattr(td.vlm.generation_config, k, None) for k in ("repetition_penalty", "temperature", "top_k",
+                                                                       "top_p")}
         applied = answer_settings(td, n)["features"]
         prompts = task_prompts(TASKS[0], 2, self.sizes["block"])
         answers = respond(td, prompts, n, seed=42, demonstrations=self.demonstrations)
@@ -147,13 +152,15 @@ class Check:
         td, n = self.models["td"], self.sizes["n_tokens"]
         prompt = task_prompts(TASKS[0], 2, 1)[0]
         from thinkdiff_nb.backbones import icl_messages
-        out = generate_with_features(td.vlm, td.processor, [icl_messages(prompt.texts)], [self.demonstrations(prompt)], n,
-                                     sample=False, ignore_eos=True, image_size=td.profile.image_size)[0]
+        out = generate_with_features(td.vlm, td.processor, [icl_messages(prompt.texts)], [self.demonstrations(prompt)],
+                                     n,
+                                     sample=False, ignore_eos=True, image_size=td.profile.vlm_image_size)[0]
         rows = out["generated_features"].to(td.vlm.device, td.vlm.dtype)
         with torch.no_grad(): logits = td.vlm.lm_head(rows).float()
         logits[:, end_token_ids(td.vlm, td.processor.tokenizer)] = -float("inf")
         agree = float((logits.argmax(-1).cpu() == out["generated_ids"]).float().mean())
-        if agree < 0.98: raise AssertionError(f"only {agree:.3f} of rows predict their own token")  # bf16 ties: a row or two
+        # bf16 ties: a row or two
+        if agree < 0.98: raise AssertionError(f"only {agree:.3f} of rows predict their own token")
         return {"rows_predicting_their_token": agree, "dtype": str(td.vlm.dtype)}
 
     def released_aligner(self):
@@ -174,7 +181,8 @@ class Check:
                 "tokens": list(embeds.shape), "file": "flux.png"}
 
     def judges(self):
-        "CoBSAT's judges on ground-truth images (the released ones with --cobsat-dir; else MiniCoBSAT renders in their layout)."
+        ("CoBSAT's judges on ground-truth images (the released ones with --cobsat-dir; else MiniCoBSAT renders in "
+         "their layout).")
         figures = {}
         for name in ("llava", "clip"):
             judge = load_cobsat_judge(self.profile, name, device=self.device, max_new_tokens=8)
@@ -184,13 +192,15 @@ class Check:
                 for s, a in zip(theme.subjects[:pairs], theme.attributes[:pairs]):
                     answer = judge.answer(self.cobsat.image(theme, s, a)[None], theme, [(s, a)]).iloc[0]
                     right += int(answer["subject_answer"] == s and answer["attribute_answer"] == a); n += 1
-            figures[name] = {"both_right": round(right / n, 3), "images": n, "dtype": str(judge_dtype(name, self.device)),
+            figures[name] = {"both_right": round(right / n, 3), "images": n,
+                             "dtype": str(judge_dtype(name, self.device)),
                              "seconds_per_image": round((time.time() - start) / n, 3)}
             self.models[f"judge_{name}"] = judge
         return figures
 
     def cobsat_block(self):
-        "One block of CoBSAT prompts through the VLM, ThinkDiff and the text bridge, judged: time and memory for a full run."
+        ("One block of CoBSAT prompts through the VLM, ThinkDiff and the text bridge, judged: time and memory for a "
+         "full run.")
         td, block, start = self.models["td"], self.sizes["block"], time.time()
         judges = {"llava": self.models["judge_llava"], "clip": self.models["judge_clip"]}
         prompts = task_prompts(TASKS[0], 2, block)
@@ -199,7 +209,8 @@ class Check:
                                     size=self.sizes["size"], demonstrations=self.demonstrations)
         seconds = time.time() - start
         blocks = COBSAT["prompts"] * COBSAT["tasks"] * COBSAT["shots"] / block
-        return {"prompts": block, "methods": 2, "both_right": records.groupby("method")["both"].mean().round(3).to_dict(),
+        return {"prompts": block, "methods": 2,
+                "both_right": records.groupby("method")["both"].mean().round(3).to_dict(),
                 "full_run_gpu_hours_at_this_rate": round(seconds * blocks / 3600, 1),
                 "full_run_note": "1000 prompts x 10 tasks x 2 shots, two methods, one GPU; N GPUs share the blocks"}
 
@@ -210,10 +221,12 @@ class Check:
         cache = extract_features(td.vlm, td.processor, self.models["source"], Path(tempfile.mkdtemp()) / "features",
                                  self.profile.describe_instructions,
                                  shard_size=self.sizes["answers"], batch_size=min(16, self.sizes["answers"]),
-                                 max_new_tokens=self.sizes["answer_tokens"], seed=0, image_size=self.profile.image_size,
+                                 max_new_tokens=self.sizes["answer_tokens"], seed=0,
+                                 image_size=self.profile.vlm_image_size,
                                  vision_id=self.profile.describe_vision_id)
         self.models["cache"] = cache
-        return {"answers": len(cache), "mean_tokens": round(float(np.mean([len(cache[i]["generated_ids"]) for i in range(len(cache))])), 1)}
+        return {"answers": len(cache),
+                "mean_tokens": round(float(np.mean([len(cache[i]["generated_ids"]) for i in range(len(cache))])), 1)}
 
     def t5_decoder(self):
         "The decoder-only Flan-T5 against the whole model: memory, and the same loss on a fixed batch."
@@ -227,19 +240,22 @@ class Check:
             a = decoder_only(encoder_outputs=(states,), labels=labels).loss.float().item()
             b = whole(encoder_outputs=(states,), labels=labels).loss.float().item()
         self.models["t5_whole"], self.models["t5_tokenizer"] = whole, tokenizer
-        if abs(a - b) > 1e-3 * max(1, abs(b)): raise AssertionError(f"decoder-only loss {a} differs from the whole model's {b}")
+        if abs(a - b) > 1e-3 * max(1, abs(b)):
+            raise AssertionError(f"decoder-only loss {a} differs from the whole model's {b}")
         figures = {"loss_decoder_only": round(a, 5), "loss_whole_model": round(b, 5)}
         if gpu_bytes is not None: figures["decoder_only_gpu_gib"] = round(gpu_bytes / 2 ** 30, 2)
         return figures
 
     def training(self):
-        "Five aligner steps on the extracted answers, and one batch's loss through the T5 decoder in float32 and bfloat16."
+        ("Five aligner steps on the extracted answers, and one batch's loss through the T5 decoder in float32 and "
+         "bfloat16.")
         cache, tokenizer, td = self.models["cache"], self.models["t5_tokenizer"], self.models["td"]
         t5, _ = load_t5(self.profile, self.device, self.dtype, encoder=False)
         start = time.time()
+        schedule = dataclasses.replace(ALIGNER_SCHEDULE, steps=5, lr=1e-4, warmup=2, ckpt_every=5, seed=42)
+        config = AlignerTraining(batch_size=self.sizes["train_batch"], eval_batches=1, schedule=schedule)
         aligner, losses, _ = train_aligner(cache, cache, t5, tokenizer, td.processor.tokenizer, self.profile.t5,
-                                           Path(tempfile.mkdtemp()), steps=5, batch_size=self.sizes["train_batch"], lr=1e-4,
-                                           warmup=2, ckpt_every=5, eval_batches=1, seed=42)
+                                           Path(tempfile.mkdtemp()), config)
         per_step = (time.time() - start) / 5
         batch = AlignerBatches(cache, "thinkdiff", td.processor.tokenizer, tokenizer, self.sizes["train_batch"],
                                share=(0, 1))(torch.Generator().manual_seed(0))
@@ -247,22 +263,26 @@ class Check:
             by_dtype = {}
             for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
                 by_dtype[name] = round(aligner_loss(aligner, t5.to(dtype), batch, self.device).item(), 5)
-        return {"seconds_per_step": round(per_step, 2), "losses": [round(l, 4) for l in losses], "loss_by_t5_dtype": by_dtype}
+        return {"seconds_per_step": round(per_step, 2), "losses": [round(l, 4) for l in losses],
+                "loss_by_t5_dtype": by_dtype}
 
     def premise(self):
-        "Is what the aligner writes what FLUX reads? Its tokens against both T5s' states of the same answers, and FLUX's loss."
+        ("Is what the aligner writes what FLUX reads? Its tokens against both T5s' states of the same answers, and "
+         "FLUX's loss.")
         td, cache, source = self.models["td"], self.models["cache"], self.models["source"]
         aligner = td.aligners["thinkdiff"]
         flan = encoder_states(self.models["t5_whole"], self.models["t5_tokenizer"])
         figures = {f"vs_{name}": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in
-                                  t5_space_agreement(aligner, states, td.processor.tokenizer, cache, len(cache)).items()}
+                                  t5_space_agreement(aligner, states, td.processor.tokenizer, cache,
+                                                     len(cache)).items()}
                    for name, states in (("flan_t5_encoder", flan), ("flux_t5_v1_1", decoder_states(td.decoder)))}
         images = ImageBatches(cache, source, self.sizes["size"], batch_size=2,
                               n_rows=self.sizes["answer_tokens"], share=(0, 1))
         empty = td.decoder.encode_prompt([""])[0]
         figures["flux_flow_loss"] = {
             "aligned": round(image_loss_metrics(aligner, td.decoder, images, n_batches=2, seed=1)["flow_loss"], 4),
-            "empty_prompt": round(image_loss_metrics(lambda f: empty.expand(len(f), -1, -1), td.decoder, images, n_batches=2,
+            "empty_prompt": round(image_loss_metrics(lambda f: empty.expand(len(f), -1, -1), td.decoder, images,
+                                                     n_batches=2,
                                                      seed=1)["flow_loss"], 4)}
         return figures
 
@@ -282,10 +302,12 @@ class Check:
         aligner = load_aligner(self.args.clip_aligner or self.profile.clip_aligner).to(self.device, self.dtype).eval()
         pipe = load_video_pipeline(self.profile, self.device, self.dtype, cpu_offload=gpu())
         with torch.no_grad():
-            tokens = aligner(vision_tokens(vision, [render("color_object", "car", "red", 224)]).to(self.device, self.dtype))
+            tokens = aligner(vision_tokens(vision, [render("color_object", "car", "red", 224)]).to(self.device,
+                                                                                                   self.dtype))
         side = self.sizes["video_side"]
         path = image_text_video(pipe, tokens, "a car driving along a beach at sunset", self.out / "video.mp4",
-                                frames=self.sizes["video_frames"], height=side, width=side, steps=self.sizes["video_steps"],
+                                frames=self.sizes["video_frames"], height=side, width=side,
+                                steps=self.sizes["video_steps"],
                                 seed=42)
         frames = read_video(path)
         return {"frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
@@ -294,7 +316,8 @@ class Check:
     def run(self):
         cobsat_dir = Path(self.args.cobsat_dir) if self.args.cobsat_dir else None
         if cobsat_dir is None:  # MiniCoBSAT renders in the released layout, at the benchmark's sizes
-            cobsat_dir = write_cobsat_folder(Path(tempfile.mkdtemp()) / "cobsat", sizes=(224,) if self.kind == "paper" else (32,))
+            cobsat_dir = write_cobsat_folder(Path(tempfile.mkdtemp()) / "cobsat",
+                                             sizes=(224,) if self.kind == "paper" else (32,))
         self.cobsat = CobsatImages(cobsat_dir)
         self.demonstrations = self.cobsat.demonstrations
         self.step("environment", self.environment)
@@ -316,7 +339,8 @@ class Check:
         if "answers" in self.models: self.step("flux_offload", self.flux_offload)
         release("answers", scope=self.models)
         self.step("video", self.video)
-        report = {"profile": self.profile.name, "device": str(self.device), "dtype": str(self.dtype), "steps": self.results,
+        report = {"profile": self.profile.name, "device": str(self.device), "dtype": str(self.dtype),
+                  "steps": self.results,
                   "failed": [n for n, r in self.results.items() if not r["ok"]]}
         (self.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
         print(f"{len(self.results) - len(report['failed'])} of {len(self.results)} steps ok; "
@@ -328,17 +352,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="paper" if gpu() else "tiny-paper", choices=("paper", "tiny-paper"))
     parser.add_argument("--aligner", default="", help="ThinkDiff-LVLM aligner: thinkdiff_lvlm.pth or a 03_train folder")
-    parser.add_argument("--clip-aligner", default="", help="ThinkDiff-CLIP aligner: thinkdiff_clip.pth or a 10_train_clip folder")
+    parser.add_argument("--clip-aligner", default="",
+                        help="ThinkDiff-CLIP aligner: thinkdiff_clip.pth or a 10_train_clip folder")
     for name in ("vlm", "t5", "flux", "llava", "clip", "vision", "video"):
         parser.add_argument(f"--{name}", default="", help=f"a local folder or hub id in place of the profile's {name}")
-    parser.add_argument("--cobsat-dir", default="", help="the folder holding CoBSAT's released datasets/ (else renders)")
+    parser.add_argument("--cobsat-dir", default="",
+                        help="the folder holding CoBSAT's released datasets/ (else renders)")
     parser.add_argument("--device", default="auto"); parser.add_argument("--dtype", default="auto")
     parser.add_argument("--cpu-offload", action="store_true", help="FLUX with model CPU offload in the inference steps")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "gpu-check"))
     parser.add_argument("--verbose", action="store_true", help="print each failed step's traceback")
     args = parser.parse_args()
     if args.profile == "paper" and not args.aligner:
-        parser.error("--profile paper needs --aligner (the released thinkdiff_lvlm.pth) and --clip-aligner (thinkdiff_clip.pth)")
+        parser.error("--profile paper needs --aligner (the released thinkdiff_lvlm.pth) and --clip-aligner "
+                     "(thinkdiff_clip.pth)")
     process_state()
     sys.exit(Check(args).run())
 

@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Debian's chromium as root, headless; without the networking flags it keeps trying to reach its own services
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 SETTINGS = {  # JupyterLab user settings: every cell rendered (the page is searched), no news or update checks
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
@@ -46,7 +47,8 @@ def start_lab(root: Path, work: Path, port: int, token: str) -> subprocess.Popen
 
 def api(port: int, token: str, path: str, method: str = "GET"):
     "A JupyterLab REST call: (status, the JSON it returned or None)."
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, headers={"Authorization": f"token {token}"})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 headers={"Authorization": f"token {token}"})
     with urllib.request.urlopen(req, timeout=5) as r:
         body = r.read()
         return r.status, json.loads(body) if body else None
@@ -67,7 +69,8 @@ def wait_for_kernel(port: int, token: str, timeout: float):
     "Block until a kernel is idle with the page connected to it: cells run before that are silently dropped."
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(k["execution_state"] == "idle" and k["connections"] > 0 for k in api(port, token, "/api/kernels")[1]): return
+        if any(k["execution_state"] == "idle" and k["connections"] > 0 for k in api(port, token, "/api/kernels")[1]):
+            return
         time.sleep(0.3)
     raise TimeoutError(f"no kernel was ready within {timeout} s")
 
@@ -89,7 +92,8 @@ ALL_RUN = """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-I
 
 
 def settled(locator, timeout: float = 20, pause: float = 0.3) -> bytes:
-    "A screenshot of `locator` once two taken `pause` seconds apart agree: new images render a moment after they arrive."
+    ("A screenshot of `locator` once two taken `pause` seconds apart agree: new images render a moment after they "
+     "arrive.")
     shots, deadline = [locator.screenshot()], time.time() + timeout
     while time.time() < deadline:
         time.sleep(pause); shots.append(locator.screenshot())
@@ -134,12 +138,14 @@ def check_in_browser(url: str, kernel_ready, profile_dir: Path, shot: Path, time
             after = {"status": status.inner_text(), "pixels": settled(explorer.locator(".explorer-methods"))}
             if after["status"] == before["status"]: raise AssertionError("the status line did not change")
             if after["pixels"] == before["pixels"]: raise AssertionError("the method images did not change on the page")
-            if methods.count() != seen["methods_shown"]: raise AssertionError(f"{methods.count()} images after the change")
+            if methods.count() != seen["methods_shown"]:
+                raise AssertionError(f"{methods.count()} images after the change")
             seen["status"] = after["status"]
             explorer.evaluate("e => e.scrollIntoView({block: 'start'})")
             page.mouse.move(0, 0)  # no hover highlight in the picture
             page.screenshot(path=str(shot))
-            seen.update(check_composition_tab(page, shot.with_name(f"{shot.stem}-composition{shot.suffix}"), kernel_ready, timeout_ms))
+            seen.update(check_composition_tab(page, shot.with_name(f"{shot.stem}-composition{shot.suffix}"),
+                                              kernel_ready, timeout_ms))
         except Exception:
             failed = shot.with_name(f"{shot.stem}-failed.png")
             page.screenshot(path=str(failed)); print(f"the page when the check failed: {failed}", file=sys.stderr)
@@ -169,7 +175,8 @@ def check_composition_tab(page, shot: Path, kernel_ready, timeout_ms: int) -> di
     kernel_ready()
     after = {"status": status.inner_text(), "pixels": settled(composer.locator(".composer-images"))}
     if after["pixels"] == before["pixels"]: raise AssertionError("the composition images did not change on the page")
-    if images.count() != seen["composition_images"]: raise AssertionError(f"{images.count()} composition images after the change")
+    if images.count() != seen["composition_images"]:
+        raise AssertionError(f"{images.count()} composition images after the change")
     seen["composition_status"] = after["status"]
     composer.evaluate("e => e.scrollIntoView({block: 'start'})")
     page.mouse.move(0, 0)
@@ -187,7 +194,8 @@ def main(shot: Path, notebook: Path, timeout: float = 120) -> dict:
         try:
             wait_for_lab(lab, port, token)
             url = f"http://127.0.0.1:{port}/lab/tree/{notebook.name}?token={token}"
-            return check_in_browser(url, lambda: wait_for_kernel(port, token, timeout), tmp / "chromium", shot, int(timeout * 1000))
+            return check_in_browser(url, lambda: wait_for_kernel(port, token, timeout), tmp / "chromium", shot,
+                                    int(timeout * 1000))
         except Exception:
             print((tmp / "lab.log").read_text()[-3000:], file=sys.stderr)
             raise

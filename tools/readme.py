@@ -24,7 +24,8 @@ LINK = re.compile(r"(\]\()(?!https?:|mailto:|#|/)([^)\s]+)(\))")  # relative mar
 
 def directives(source: str) -> dict:
     "A cell's `#| key: value` lines as {key: value} (a bare `#| hide` becomes {'hide': 'true'})."
-    return {m.group(1): m.group(2).strip("'\"") or "true" for line in source.splitlines() if (m := DIRECTIVE.match(line))}
+    return {m.group(1): m.group(2).strip("'\"") or "true" for line in source.splitlines()
+            if (m := DIRECTIVE.match(line))}
 
 
 def code_of(source: str) -> str:
@@ -61,7 +62,8 @@ def render(notebook: Path) -> tuple[str, dict[Path, bytes]]:
                 images[path] = base64.b64decode("".join(data["image/png"]))
                 parts.append(f"![{d.get('fig-cap', name)}]({path.as_posix()})")
             elif "text/plain" in data: parts.append(f"```\n{''.join(data['text/plain']).rstrip()}\n```")
-            elif out.get("output_type") == "stream" and out.get("name") == "stdout": parts.append(f"```\n{''.join(out['text']).rstrip()}\n```")
+            elif out.get("output_type") == "stream" and out.get("name") == "stdout":
+                parts.append(f"```\n{''.join(out['text']).rstrip()}\n```")
     return "\n\n".join(parts) + "\n", images
 
 
