@@ -58,6 +58,6 @@ if __name__ == "__main__":
     aligner, run = train(cache, t5, t5_tokenizer, processor.tokenizer, out, -1)
     if state.is_main_process:
         save_file({k: v.contiguous() for k, v in aligner.state_dict().items()}, str(out / "aligner.safetensors"))
-        (out / "result.json").write_text(json.dumps({"processes": state.num_processes, "losses": run.losses,
-                                                     "generators": len(torch.load(out
-                                                                                  / "checkpoint.pt")["generators"])}))
+        (out / "result.json").write_text(json.dumps({
+            "processes": state.num_processes, "losses": run.losses,
+            "generators": len(torch.load(out / "checkpoint.pt")["generators"])}))

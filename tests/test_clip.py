@@ -104,8 +104,8 @@ def test_shares_make_the_global_batch(renders, tiny_t5):
     _, t5, tok = tiny_t5
     images = ImageTokens(_clip(), open_image_captions(renders, "train"), keep=False)
     whole = ClipBatches(images, tok, batch_size=8, share=(0, 1))(torch.Generator().manual_seed(3))
-    halves = [ClipBatches(images, tok, batch_size=8, share=(rank, 2))(torch.Generator().manual_seed(3)) for rank in (0,
-                                                                                                                     1)]
+    halves = [ClipBatches(images, tok, batch_size=8, share=(rank, 2))(torch.Generator().manual_seed(3))
+              for rank in (0, 1)]
     assert [len(h[0]) for h in halves] == [4, 4]
     torch.testing.assert_close(torch.cat([h[0] for h in halves]), whole[0])
     assert sum(int((h[3] != -100).sum()) for h in halves) == int((whole[3] != -100).sum())
@@ -124,7 +124,8 @@ def test_resume_gives_the_same_weights(renders, tiny_t5, tmp_path):
     images = ImageTokens(_clip(), open_image_captions(renders, "train")).fill()
     def train(ckpt, crash_at=None):
         torch.manual_seed(0)
-        aligner, loss, calls = Aligner(16, t5.config.d_model), clip_loss_fn(t5, ClipBatches(images, tok, batch_size=4)), iter(range(99))
+        aligner, loss, calls = (Aligner(16, t5.config.d_model),
+                                clip_loss_fn(t5, ClipBatches(images, tok, batch_size=4)), iter(range(99)))
         def dying(model, g):
             if next(calls) == crash_at: raise KeyboardInterrupt("killed")
             return loss(model, g)
@@ -139,12 +140,14 @@ def test_resume_gives_the_same_weights(renders, tiny_t5, tmp_path):
 
 
 def test_released_clip_layout_at_paper_widths_trains(tmp_path):
-    path = write_official(tmp_path / "thinkdiff_clip.pth", {**projector(1408, 4096, seed=1),
-                                                            "language_model.encoder.embed_tokens.weight": torch.randn(8, 4096).bfloat16()})
+    path = write_official(tmp_path / "thinkdiff_clip.pth", {
+        **projector(1408, 4096, seed=1),
+        "language_model.encoder.embed_tokens.weight": torch.randn(8, 4096).bfloat16()})
     aligner = Aligner.from_official(path, d_vlm=1408, d_t5=4096).train()
     torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=4096, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
-                                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval().requires_grad_(False)
+    t5 = T5ForConditionalGeneration(T5Config(
+        vocab_size=40, d_model=4096, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval().requires_grad_(False)
     batch = (torch.randn(2, 65, 1408), torch.tensor([[5, 6, 1], [1, 0, 0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]),
              torch.tensor([[7, 8, 1], [9, 1, -100]]), 1.0)  # 65 BLIP-2 tokens; prefixes "x y" and ""
     loss = clip_loss(aligner, t5, batch)
@@ -194,7 +197,8 @@ def test_pipeline_notebook(renders, tmp_path):
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["metrics"]["heldout"]) == {"own", "none", "shuffled"}
-    assert metrics["metrics"]["vision"]["source"] == "trained" and metrics["metrics"]["vision"]["tokens_per_image"] == 17
+    assert (metrics["metrics"]["vision"]["source"] == "trained"
+            and metrics["metrics"]["vision"]["tokens_per_image"] == 17)
     assert metrics["params"]["steps"] == 3 and metrics["seed"] == 0 and "torch" in metrics["versions"]
     for f in ("loss.png", "aligner/config.json", "vision/config.json", "vision/model.safetensors",
               "vision/metrics.json"):

@@ -104,7 +104,8 @@ def test_released_layout_is_read_and_a_missing_image_is_named(tmp_path):
     demos = CobsatImages(folder).demonstrations(prompt)
     assert [d.shape[:2] for d in demos] != [(64, 64)] * 4 and all(d.dtype == np.uint8 for d in demos)
     s, a = prompt.demo_pairs[0]
-    assert cobsat_image_path(folder, "background_animal", s, a) == folder / "datasets" / f"background_{s}" / f"{a}_{s}.jpg"
+    assert (cobsat_image_path(folder, "background_animal", s, a)
+            == folder / "datasets" / f"background_{s}" / f"{a}_{s}.jpg")
     cobsat_image_path(folder, "background_animal", s, a).write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=f"{a}_{s}.jpg cannot be read"):
         CobsatImages(folder).demonstrations(prompt)
@@ -233,5 +234,5 @@ def test_cobsat_notebook_over_two_processes_matches_one(tmp_path, aligners):
     for unit in [f"shot2_task{t:02d}.csv" for t in range(1, 11)]:
         assert (tmp_path / "one" / "records" / unit).read_text() == (tmp_path / "two" / "records" / unit).read_text()
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["run"]["processes"] == 2
-    assert (tmp_path / "one" / "table_2shot_all_both.csv").read_text() == (tmp_path / "two"
-                                                                           / "table_2shot_all_both.csv").read_text()
+    assert ((tmp_path / "one" / "table_2shot_all_both.csv").read_text()
+            == (tmp_path / "two" / "table_2shot_all_both.csv").read_text())

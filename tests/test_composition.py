@@ -68,7 +68,8 @@ def test_profiles_name_the_vision_encoder_and_the_video_pipeline(profile):
 def test_blip2_vision_tower_loads_with_257_tokens(profile, tower):
     config = json.loads((Path(profile.vision) / "config.json").read_text())
     assert config["model_type"] == "blip-2" and config["num_query_tokens"] == 32
-    assert (config["vision_config"]["image_size"], config["vision_config"]["patch_size"], config["vision_config"]["hidden_size"]) == (32, 2, 48)
+    assert (config["vision_config"]["image_size"], config["vision_config"]["patch_size"],
+            config["vision_config"]["hidden_size"]) == (32, 2, 48)
     index = json.loads((Path(profile.vision) / "model.safetensors.index.json").read_text())["weight_map"]
     assert {k.split(".")[0] for k in index} == {"vision_model", "qformer", "query_tokens", "language_model",
                                                 "language_projection"}
@@ -97,14 +98,14 @@ def test_cogvideox_folder_in_the_hub_layout(profile, video_pipe):
         "scheduler": "CogVideoXDDIMScheduler", "text_encoder": "T5EncoderModel", "tokenizer": "T5Tokenizer",
         "transformer": "CogVideoXTransformer3DModel", "vae": "AutoencoderKLCogVideoX"}
     s = video_pipe.scheduler.config
-    assert (s.prediction_type, s.timestep_spacing, s.rescale_betas_zero_snr, s.snr_shift_scale) == ("v_prediction",
-                                                                                                    "trailing", True,
-                                                                                                    1.0)
+    assert (s.prediction_type, s.timestep_spacing, s.rescale_betas_zero_snr, s.snr_shift_scale) == (
+        "v_prediction", "trailing", True, 1.0)
     t = video_pipe.transformer.config
-    assert (t.use_rotary_positional_embeddings, t.max_text_seq_length, t.patch_size, t.in_channels) == (True, 226, 2,
-                                                                                                        16)
+    assert (t.use_rotary_positional_embeddings, t.max_text_seq_length, t.patch_size, t.in_channels) == (
+        True, 226, 2, 16)
     assert t.text_embed_dim == video_pipe.text_encoder.config.d_model == profile.text_width == 32
-    assert (video_pipe.vae_scale_factor_spatial, video_pipe.vae_scale_factor_temporal, video_pipe.vae.config.scaling_factor) == (8, 4, 0.7)
+    assert (video_pipe.vae_scale_factor_spatial, video_pipe.vae_scale_factor_temporal,
+            video_pipe.vae.config.scaling_factor) == (8, 4, 0.7)
     assert video_pipe.tokenizer.model_max_length == 226
     assert isinstance(CogVideoXPipeline.from_pretrained(profile.video), CogVideoXPipeline)
 

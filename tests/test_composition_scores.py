@@ -48,7 +48,8 @@ def test_mini_scores_every_kind_under_every_conditioning(tmp_path):
     assert len(records) == 3 * 10 * len(CONDITIONINGS) and records.both.dtype == bool
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["params"]["n_probes"] == 10 and metrics["seed"] == 0 and "diffusers" in metrics["versions"]
-    assert metrics["run"]["clip_aligner"] == "data/mini/aligners/thinkdiff-clip" and metrics["metrics"]["tokens_per_image"] == 17
+    assert (metrics["run"]["clip_aligner"] == "data/mini/aligners/thinkdiff-clip"
+            and metrics["metrics"]["tokens_per_image"] == 17)
     assert metrics["metrics"]["video"] is None  # the mini profile names no video pipeline
     for f in ("composition_table.md", "composition_scores.png", "composition_grid.png"):
         assert (run / f).stat().st_size > 0, f
@@ -121,12 +122,13 @@ def test_tiny_paper_trains_composes_and_draws_a_video(tmp_path):
                    video_steps=2)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["run"]["decoder"] == "FluxPipeline" and metrics["run"]["judge"] == "clip"
-    assert metrics["metrics"]["tokens_per_image"] == 65 and len(pd.read_csv(run / "records.csv")) == 3 * 2 * len(CONDITIONINGS)
+    assert (metrics["metrics"]["tokens_per_image"] == 65 and len(pd.read_csv(run / "records.csv")) == 3 * 2
+            * len(CONDITIONINGS))
     assert read_video(run / "video.mp4").shape == (9, 32, 48, 3)
     # FLUX and the judge released before CogVideoX loaded
     assert metrics["metrics"]["resident_at_video"] == ["vision", "aligner"]
-    assert {k: metrics["metrics"]["video"][k] for k in ("frames", "height", "width")} == {"frames": 9, "height": 32,
-                                                                                          "width": 48}
+    assert ({k: metrics["metrics"]["video"][k] for k in ("frames", "height", "width")}
+            == {"frames": 9, "height": 32, "width": 48})
     assert _figures(tmp_path / "run.ipynb") == 3  # scores, grid, video frames
     # the released thinkdiff_clip.pth layout, at tiny-paper's widths, in place of the trained folder
     released = write_official(tmp_path / "thinkdiff_clip.pth", projector(48, 32, seed=3))

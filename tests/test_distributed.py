@@ -23,8 +23,8 @@ def _run(command: list, cwd=ROOT, **env):
 
 @pytest.fixture(scope="module")
 def one_and_two(tmp_path_factory):
-    """The script alone (one process, never killed) and under two processes (killed at step 3, then resumed), where the main
-    process's last shard outlasts the process group's timeout (a GPU shard can outlast NCCL's 10 minutes)."""
+    """The script alone (one process, never killed) and under two processes (killed at step 3, then resumed), where the
+    main process's last shard outlasts the process group's timeout (a GPU shard can outlast NCCL's 10 minutes)."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     _run([sys.executable, str(ROOT / "tests" / "distributed_run.py"), str(one), "-1"])
     _run(ACCELERATE + ["--main_process_port", "29517", str(ROOT / "tests" / "distributed_run.py"), str(two), "3"],

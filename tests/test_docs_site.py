@@ -1,6 +1,6 @@
-"""The docs site (`make docs`) in a real browser: every page, results pages included, loads from loopback with its title,
-its figures decode, maths renders with the site's own KaTeX, no table on a prose page is wider than its box, and no
-request fails, errs or leaves 127.0.0.1. Every notebook's page shows the outputs the notebook stores."""
+"""The docs site (`make docs`) in a real browser: every page, results pages included, loads from loopback with its
+title, its figures decode, maths renders with the site's own KaTeX, no table on a prose page is wider than its box, and
+no request fails, errs or leaves 127.0.0.1. Every notebook's page shows the outputs the notebook stores."""
 import ast, functools, html, http.server, importlib.util, json, os, re, shutil, subprocess, sys, threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -157,8 +157,8 @@ def test_every_page_in_chromium(site):
     assert len(set(headings)) == len(headings), ("pages share a heading: "
                                                  f"{sorted(h for h in headings if headings.count(h) > 1)}")
     results = seen[f"results/{RESULTS_NB}.html"]
-    assert results["heading"].endswith("— results of run test-run") and results["images"], ("the results page has no "
-                                                                                            "figure")
+    assert results["heading"].endswith("— results of run test-run") and results["images"], (
+        "the results page has no figure")
     with_maths = {name: s for name, s in seen.items() if s["maths"]}
     assert with_maths, "no page renders maths with KaTeX"
     assert all(s["katexFonts"] for s in with_maths.values()), f"KaTeX's fonts not loaded on {sorted(with_maths)}"

@@ -53,7 +53,8 @@ def test_widgets_drive_every_output(ex):
     assert {png_shape(tile.children[0]) for tile in ex.method_box.children} == {(32 * ex.scale, 32 * ex.scale, 3)}
     # a read-back per aligner method: what T5 decodes from that method's tokens, shown under its image
     aligner_methods = [m for m in ex.methods if m in ALIGNER_METHODS]
-    assert set(aligner_methods) >= {"thinkdiff", "no-masking", "input-tokens", "image-loss"} and list(ex.read_backs) == aligner_methods
+    assert (set(aligner_methods) >= {"thinkdiff", "no-masking", "input-tokens", "image-loss"}
+            and list(ex.read_backs) == aligner_methods)
     with torch_threads(ex.threads):
         for m in aligner_methods:
             tokens = conditioning(ex.td, m, [prompt], [expected])[0]

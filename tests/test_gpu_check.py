@@ -21,13 +21,16 @@ def test_gpu_check_runs_every_step_on_tiny_paper(tmp_path):
     steps = report["steps"]
     assert report["profile"] == "tiny-paper" and report["failed"] == [] and list(steps) == STEPS
     assert steps["environment"]["pins_match"]
-    assert steps["vlm_generation"]["end_tokens_inside"] == 0 and steps["vlm_generation"]["hub_file"]["repetition_penalty"] == 1.05
-    assert steps["vlm_generation"]["applied"]["repetition_penalty"] == 1.0 and steps["vlm_generation"]["applied"]["top_k"] == 0
+    assert (steps["vlm_generation"]["end_tokens_inside"] == 0
+            and steps["vlm_generation"]["hub_file"]["repetition_penalty"] == 1.05)
+    assert (steps["vlm_generation"]["applied"]["repetition_penalty"] == 1.0
+            and steps["vlm_generation"]["applied"]["top_k"] == 0)
     assert steps["row_semantics"]["rows_predicting_their_token"] == 1.0
     widths = steps["released_aligner"]["widths"]
     assert steps["released_aligner"]["parameters"] == widths[0] * widths[1] + 2 * widths[1] + widths[1] ** 2 + widths[1]
     assert steps["t5_decoder"]["loss_decoder_only"] == pytest.approx(steps["t5_decoder"]["loss_whole_model"], rel=1e-4)
-    assert len(steps["training_steps"]["losses"]) == 5 and set(steps["training_steps"]["loss_by_t5_dtype"]) == {"bfloat16", "float32"}
+    assert (len(steps["training_steps"]["losses"]) == 5
+            and set(steps["training_steps"]["loss_by_t5_dtype"]) == {"bfloat16", "float32"})
     for t5 in ("vs_flan_t5_encoder", "vs_flux_t5_v1_1"): assert -1 <= steps["premise"][t5]["cosine"] <= 1
     assert set(steps["premise"]["flux_flow_loss"]) == {"aligned", "empty_prompt"}
     assert set(steps["judges"]) >= {"llava", "clip"} and steps["cobsat_block"]["full_run_gpu_hours_at_this_rate"] > 0

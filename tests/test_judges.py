@@ -99,8 +99,8 @@ def test_mini_judge_is_judge_pairs():
     images = np.stack([render("texture_object", "box", "lace", 32, seed=1),
                        render("texture_object", "cup", "wood", 32, seed=2)])
     answers = random.answer(images, "texture_object")
-    assert list(zip(answers.subject_answer, answers.attribute_answer)) == judge_pairs(random.judge, images,
-                                                                                      "texture_object")
+    assert (list(zip(answers.subject_answer, answers.attribute_answer))
+            == judge_pairs(random.judge, images, "texture_object"))
 
 
 def test_llava_judge_on_tiny_paper(paper, renders):

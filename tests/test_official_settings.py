@@ -149,9 +149,8 @@ def test_extraction_prompts_carry_no_picture_label_and_record_the_applied_sampli
     model, processor = vlm
     params = paper_cache.manifest["params"]
     assert params["vision_id"] is False and params["generation"]["repetition_penalty"] == 1.0
-    assert (params["generation"]["temperature"], params["generation"]["top_p"], params["generation"]["top_k"]) == (0.6,
-                                                                                                                   0.9,
-                                                                                                                   0)
+    assert (params["generation"]["temperature"], params["generation"]["top_p"],
+            params["generation"]["top_k"]) == (0.6, 0.9, 0)
     item = paper_cache[0]
     unlabelled = vlm_batch(processor, [description_messages(item["instruction"])], [[_images(8)[0]["pixels"]]],
                            image_size=None, vision_id=False)
@@ -173,7 +172,8 @@ def test_the_in_context_instruction_is_the_official_scripts(vlm):
 
 def test_the_captioning_loss_is_float32_cross_entropy_of_the_bf16_decoder(paper, paper_cache, vlm):
     t5, t5_tokenizer = load_t5(paper, encoder=False, dtype=torch.bfloat16)
-    batch = AlignerBatches(paper_cache, "thinkdiff", vlm[1].tokenizer, t5_tokenizer, batch_size=4)(torch.Generator().manual_seed(0))
+    batch = AlignerBatches(paper_cache, "thinkdiff", vlm[1].tokenizer, t5_tokenizer,
+                           batch_size=4)(torch.Generator().manual_seed(0))
     aligner = t5_aligner(paper_cache.width, t5, paper.t5, "t5", seed=0)
     with torch.no_grad():
         loss = aligner_loss(aligner, t5, batch)
@@ -184,8 +184,8 @@ def test_the_captioning_loss_is_float32_cross_entropy_of_the_bf16_decoder(paper,
     assert out.loss.dtype == torch.bfloat16 and out.loss.float() != float32  # transformers' own loss stays in bf16
 
 
-def test_training_leaves_gradients_unclipped_and_the_frozen_t5_in_train_mode(paper, paper_cache, vlm, tmp_path,
-                                                                             monkeypatch):
+def test_training_leaves_gradients_unclipped_and_the_frozen_t5_in_train_mode(
+        paper, paper_cache, vlm, tmp_path, monkeypatch):
     ("The official runner: no clipping; model.train() on the whole model, so Flan-T5's dropout (0.1) is on; metrics in "
      "eval mode.")
     t5, t5_tokenizer = load_t5(paper, encoder=False)
@@ -205,8 +205,8 @@ def test_training_leaves_gradients_unclipped_and_the_frozen_t5_in_train_mode(pap
     _, no_dropout, _ = run(False, tmp_path / "eval")
     _, dropout, _ = run(True, tmp_path / "train")
     assert clips == [0.0, 0.0]  # the default: off
-    assert no_dropout[0] == pytest.approx(eval_loss.item(), rel=1e-6) and dropout[0] != pytest.approx(eval_loss.item(),
-                                                                                                      rel=1e-3)
+    assert (no_dropout[0] == pytest.approx(eval_loss.item(), rel=1e-6)
+            and dropout[0] != pytest.approx(eval_loss.item(), rel=1e-3))
     assert not t5.training  # back in eval mode for the held-out metrics
 
 

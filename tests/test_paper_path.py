@@ -66,7 +66,8 @@ def test_generate_notebook_draws_through_flux_with_the_released_weights_layout(t
     released = write_official(tmp_path / "thinkdiff_lvlm.pth", projector(48, 32))
     metrics = _papermill("06_generate.ipynb", tmp_path, **SMALL, samples=2, aligners={"thinkdiff": str(released)},
                          output_dir=str(tmp_path / "generate"))
-    assert metrics["run"]["pipeline_class"] == "FluxPipeline" and metrics["run"]["aligners"]["thinkdiff"] == str(released)
+    assert (metrics["run"]["pipeline_class"] == "FluxPipeline"
+            and metrics["run"]["aligners"]["thinkdiff"] == str(released))
     assert metrics["metrics"]["image_shape"] == [2, 32, 32, 3]
     assert (tmp_path / "generate" / "Color-I_2shot_0.png").exists()
 
@@ -103,11 +104,13 @@ def test_premise_notebook_measures_the_released_layout_against_both_t5s(tmp_path
                          samples=8, max_new_tokens=6, extract_batch_size=8, batch_size=4, eval_batches=1,
                          output_dir=str(tmp_path / "premise"))
     spaces = metrics["metrics"]["t5_space"]
-    assert set(spaces) == {"Flan-T5 encoder", "image decoder's T5"} and metrics["run"]["pipeline_class"] == "FluxPipeline"
+    assert (set(spaces) == {"Flan-T5 encoder", "image decoder's T5"}
+            and metrics["run"]["pipeline_class"] == "FluxPipeline")
     for space in spaces.values():  # Qwen's BPE and T5's SentencePiece paired through character offsets
         assert space["matched_share"] == 1.0 and space["rows"] >= 8 and -1 <= space["cosine"] <= 1
     assert spaces["Flan-T5 encoder"]["states_rms"] != spaces["image decoder's T5"]["states_rms"]  # two different T5s
     flow = metrics["metrics"]["image_decoder_flow_loss"]
-    assert np.isfinite(flow["aligned"]) and np.isfinite(flow["empty_prompt"]) and flow["aligned"] != flow["empty_prompt"]
+    assert (np.isfinite(flow["aligned"]) and np.isfinite(flow["empty_prompt"])
+            and flow["aligned"] != flow["empty_prompt"])
     assert 0 <= metrics["metrics"]["t5_decoder_read_back"]["token_accuracy"] <= 1
     assert (tmp_path / "premise" / "premise.png").exists() and (tmp_path / "premise" / "t5_space.md").exists()

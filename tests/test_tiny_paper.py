@@ -40,8 +40,8 @@ def test_layout(root):
         "scheduler": "FlowMatchEulerDiscreteScheduler", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
         "tokenizer": "CLIPTokenizer", "text_encoder_2": "T5EncoderModel", "tokenizer_2": "T5Tokenizer",
         "transformer": "FluxTransformer2DModel"}
-    assert sorted(p.name for p in (root / "flux" / "tokenizer").iterdir()) == ["merges.txt", "tokenizer_config.json",
-                                                                               "vocab.json"]
+    assert sorted(p.name for p in (root / "flux" / "tokenizer").iterdir()) == [
+        "merges.txt", "tokenizer_config.json", "vocab.json"]
     assert not list(root.parent.glob(".*building"))
 
 
@@ -162,8 +162,8 @@ def test_flux_pipeline_draws_from_prompt_embeds(root):
     _, pooled, _ = pipe.encode_prompt("", prompt_2=None)
     assert pooled.shape == (1, 24)
     embeds = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(3))
-    first, second = draw(prompt_embeds=embeds, pooled_prompt_embeds=pooled), draw(prompt_embeds=embeds,
-                                                                                  pooled_prompt_embeds=pooled)
+    first, second = (draw(prompt_embeds=embeds, pooled_prompt_embeds=pooled),
+                     draw(prompt_embeds=embeds, pooled_prompt_embeds=pooled))
     assert first.shape == (1, 32, 32, 3) and np.isfinite(first).all()
     assert np.array_equal(first, second) and not np.array_equal(first, from_text)
 
@@ -175,28 +175,30 @@ def test_llava_in_llava_hf_layout(root):
     tok = AutoTokenizer.from_pretrained(root / "llava")
     assert tok.padding_side == "left" and tok.pad_token == "<pad>"
     backend = json.loads((root / "llava" / "tokenizer.json").read_text())
-    assert (backend["model"]["type"], backend["model"]["byte_fallback"], backend["pre_tokenizer"]["type"]) == ("BPE",
-                                                                                                               True,
-                                                                                                               "Metaspace")
+    assert (backend["model"]["type"], backend["model"]["byte_fallback"], backend["pre_tokenizer"]["type"]) == (
+        "BPE", True, "Metaspace")
     text = "USER: <image>\nWhat is it? (1)yellow (10)black ASSISTANT: 10"
     assert tok(text).input_ids == LlamaTokenizer.from_pretrained(root / "llava")(text).input_ids
-    assert tok.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<0x00>", "<image>", "<pad>"]) == [0, 1, 2, 3,
-                                                                                                 len(tok) - 2,
-                                                                                                 len(tok) - 1]
+    assert tok.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<0x00>", "<image>", "<pad>"]) == [
+        0, 1, 2, 3, len(tok) - 2, len(tok) - 1]
     config = json.loads((root / "llava" / "config.json").read_text())
     assert (config["image_token_index"], config["pad_token_id"]) == (len(tok) - 2, tok.pad_token_id)
-    assert (config["vision_feature_layer"], config["vision_feature_select_strategy"], config["projector_hidden_act"]) == (-2, "default", "gelu")
+    assert (config["vision_feature_layer"], config["vision_feature_select_strategy"],
+            config["projector_hidden_act"]) == (-2, "default", "gelu")
     assert config["text_config"]["model_type"] == "llama" and config["vision_config"]["patch_size"] == 14
     assert json.loads((root / "llava"
                        / "preprocessor_config.json").read_text())["image_processor_type"] == "CLIPImageProcessor"
     processor = LlavaProcessor.from_pretrained(root / "llava")
     assert isinstance(processor.image_processor, CLIPImageProcessorPil)
-    assert (processor.patch_size, processor.num_additional_image_tokens, processor.vision_feature_select_strategy) == (14, 1, "default")
+    assert (processor.patch_size, processor.num_additional_image_tokens,
+            processor.vision_feature_select_strategy) == (14, 1, "default")
     batch = processor(text=["USER: <image>\nWhich? ASSISTANT:"], images=[render("color_object", "leaf", "red")],
                       return_tensors="pt")
-    assert int((batch["input_ids"] == config["image_token_index"]).sum()) == 4 and batch["input_ids"][0, 0] == tok.bos_token_id
+    assert (int((batch["input_ids"] == config["image_token_index"]).sum()) == 4
+            and batch["input_ids"][0, 0] == tok.bos_token_id)
     model = LlavaForConditionalGeneration.from_pretrained(root / "llava").eval()
-    assert model.generation_config.eos_token_id == tok.eos_token_id and model.generation_config.pad_token_id == tok.pad_token_id
+    assert (model.generation_config.eos_token_id == tok.eos_token_id
+            and model.generation_config.pad_token_id == tok.pad_token_id)
     out = [model.generate(**batch, max_new_tokens=3, do_sample=False) for _ in range(2)]
     assert out[0].shape[1] == batch["input_ids"].shape[1] + 3 and torch.equal(out[0], out[1])
 
@@ -209,8 +211,8 @@ def test_clip_in_openai_layout(root):
     pre = json.loads((root / "clip" / "preprocessor_config.json").read_text())
     assert pre["feature_extractor_type"] == "CLIPFeatureExtractor" and "image_processor_type" not in pre
     processor = CLIPProcessor.from_pretrained(root / "clip")
-    assert isinstance(processor.image_processor, CLIPImageProcessorPil) and isinstance(processor.tokenizer,
-                                                                                       CLIPTokenizer)
+    assert (isinstance(processor.image_processor, CLIPImageProcessorPil)
+            and isinstance(processor.tokenizer, CLIPTokenizer))
     assert processor.tokenizer.pad_token == processor.tokenizer.eos_token == "<|endoftext|>"
     model = CLIPModel.from_pretrained(root / "clip").eval()
     assert model.config.text_config.eos_token_id == 2 and model.config.projection_dim == 16

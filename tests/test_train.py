@@ -167,8 +167,8 @@ def test_train_notebook_runs_every_aligner_method(tmp_path, method):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["params"]["method"] == method and np.isfinite(metrics["metrics"]["heldout"]["loss"])
     image_read = metrics["metrics"]["image_decoder_flow_loss"]  # only generated rows are read by the image decoder
-    assert image_read is None if method == "input-tokens" else np.isfinite([image_read["aligned"],
-                                                                            image_read["empty_prompt"]]).all()
+    assert (image_read is None if method == "input-tokens"
+            else np.isfinite([image_read["aligned"], image_read["empty_prompt"]]).all())
     assert (tmp_path / "run" / "aligner" / "config.json").exists() and (tmp_path / "run" / "loss.png").exists()
     assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 4
     if method == "thinkdiff":  # the finished folder is not relabelled by a rerun with other settings

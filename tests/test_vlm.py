@@ -111,8 +111,8 @@ def test_generate_with_hidden_states_on_a_batch(tiny_vlm):
                          return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
     assert out.sequences.shape == (3, batch["input_ids"].shape[1] + 6)
     assert len(out.hidden_states) == 6
-    assert out.hidden_states[0][-1].shape[:2] == batch["input_ids"].shape and out.hidden_states[1][-1].shape[:2] == (3,
-                                                                                                                     1)
+    assert (out.hidden_states[0][-1].shape[:2] == batch["input_ids"].shape
+            and out.hidden_states[1][-1].shape[:2] == (3, 1))
     texts = vlm_answers(model, processor, [icl_messages(p.texts) for p in prompts], [p.images() for p in prompts],
                         max_new_tokens=4)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
@@ -128,8 +128,8 @@ def test_bad_input(processor, tiny_vlm):
                   [[render("color_object", "car", "red")]])
     # a non-square image is no error: the mini VLM sees its central square
     wide = np.zeros((32, 48, 3), np.uint8); wide[:, 8:40] = render("color_object", "car", "red")
-    crops = [vlm_batch(processor, [description_messages("What is in this image?")], [[im]]) for im in (wide,
-                                                                                                       wide[:, 8:40])]
+    crops = [vlm_batch(processor, [description_messages("What is in this image?")], [[im]])
+             for im in (wide, wide[:, 8:40])]
     assert torch.equal(crops[0]["pixel_values"], crops[1]["pixel_values"])
     # other modes and sizes are converted: a grey 64x64 image gives the same 16 tokens as an RGB 32x32 one
     grey = Image.fromarray(render("color_object", "car", "red", size=64)).convert("L")

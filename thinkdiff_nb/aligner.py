@@ -244,7 +244,8 @@ def _from_official(cls, path,                  # a released ThinkDiff `.pth` (th
     missing = [k for k in wanted if k not in state]
     unexpected = sorted(str(k) for k in state if k not in wanted and k not in OFFICIAL_FROZEN_ALIASES)
     if missing or unexpected:
-        hint = "; norm='none' expects no mm_projector.3.weight" if norm == "none" and "mm_projector.3.weight" in unexpected else ""
+        hint = ("; norm='none' expects no mm_projector.3.weight" if norm == "none"
+                and "mm_projector.3.weight" in unexpected else "")
         raise ValueError(f"{path}: its keys do not match the aligner's: missing {missing}, unexpected "
                          f"{unexpected}{hint}")
     sd = {k: state[k] for k in wanted}

@@ -104,7 +104,8 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 TEXT_LENGTH = 24  # mini T5 tokens per encoded text, pad states kept as FLUX keeps them
 
 @torch.no_grad()
-def encode_text(t5: T5ForConditionalGeneration, tokenizer, texts: list[str], max_length: int = TEXT_LENGTH) -> torch.Tensor:
+def encode_text(t5: T5ForConditionalGeneration, tokenizer, texts: list[str],
+                max_length: int = TEXT_LENGTH) -> torch.Tensor:
     "T5-encoder states (B, max_length, d_model) of `texts`, padded to `max_length` with pad states kept."
     batch = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     batch = {k: v.to(t5.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -156,12 +157,12 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 # Qwen2-VL-Instruct's chat template (images only): a default system turn, "Picture k: " labels with add_vision_id.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif "
-                                                                                                "%}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
     "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% "
-    "endif %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -308,7 +309,8 @@ def vlm_batch(processor, conversations: list[list[dict]], images: list[list], an
 def vlm_answers(model, processor, conversations, images, max_new_tokens: int = 24, sample: bool = False,
                 temperature: float = 0.6, top_p: float = 0.9, seed: int = 0, image_size: int | None = 32) -> list[str]:
     "The VLM's reply text for each conversation."
-    batch = vlm_batch(processor, conversations, images, max_images=model.config.max_images, image_size=image_size).to(model.device)
+    batch = vlm_batch(processor, conversations, images, max_images=model.config.max_images,
+                      image_size=image_size).to(model.device)
     torch.manual_seed(seed)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample,
                          temperature=temperature if sample else None,
@@ -330,8 +332,8 @@ class Profile:
     clip: str = ""   # CoBSAT's second metric, CLIPModel folder or id (ViT-B/32)
     vision: str | None = None  # ThinkDiff-CLIP's vision encoder: a BLIP-2 folder or id whose vision tower is read
                                # (EVA ViT-g, 1408 wide, 224 px)
-    video: str | None = None   # CogVideoXPipeline folder or id for ThinkDiff-CLIP's video (CogVideoX-5b); None: no video
-    clip_aligner: str = ""     # ThinkDiff-CLIP aligner: save_pretrained folder or official thinkdiff_clip.pth; empty: none
+    video: str | None = None   # ThinkDiff-CLIP's video: CogVideoXPipeline folder or id (CogVideoX-5b); None: no video
+    clip_aligner: str = ""     # ThinkDiff-CLIP aligner: save_pretrained folder or official thinkdiff_clip.pth; "": none
     describe_instructions: tuple = tuple(DESCRIBE_INSTRUCTIONS)  # one drawn per training image at feature extraction
     describe_vision_id: bool = False  # "Picture 1: " before the image of a description prompt: the official extraction
                                       # has none; the mini VLM was trained with the label on every picture
@@ -340,7 +342,7 @@ class Profile:
     vlm_image_size: int | None = 32  # side of the VLM's square input images; None: the VLM's processor decides
     cobsat_size: int = 32  # side of the images drawn for CoBSAT (the paper: 512)
     demo_size: int = 32    # side of the images drawn for demonstrations (the paper: 1024)
-    aligners: dict = field(default_factory=dict, hash=False)  # default aligner per aligner method (methods.ALIGNER_METHODS)
+    aligners: dict = field(default_factory=dict, hash=False)  # default aligner per method (methods.ALIGNER_METHODS)
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"profile {self.name!r} has unknown kind {self.kind!r}; kinds are {KINDS}")
@@ -388,7 +390,9 @@ def _save_tiny_random(root: Path, seed: int = 0):
     FluxTransformer2DModel(**mini_decoder_config(32, blocks=1, heads=2, head_dim=16)).save_pretrained(root / "decoder")
     Judge(width=8).save_pretrained(root / "judge")
     processor = mini_vlm_processor()
-    Qwen2VLForConditionalGeneration(mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1, vision_dim=32)).save_pretrained(root / "vlm")
+    Qwen2VLForConditionalGeneration(
+        mini_vlm_config(processor.tokenizer, hidden=32, layers=1, vision_depth=1, vision_dim=32)
+    ).save_pretrained(root / "vlm")
     processor.save_pretrained(root / "vlm")
 
 # %% ../nbs/01_backbones.ipynb #3a2729b4

@@ -93,7 +93,8 @@ class ImageTokens:
                  batch_size: int = 64,         # images per encoder call
                  max_images: int = 0,          # the first max_images samples only; 0: all
                  keep: bool = True):           # keep computed tokens in memory (float32)
-        self.vision, self.source, self.downsample, self.bs, self.keep = vision_model.eval(), source, downsample, batch_size, keep
+        self.vision, self.source, self.downsample, self.bs, self.keep = (
+            vision_model.eval(), source, downsample, batch_size, keep)
         self.n = min(len(source), max_images) if max_images else len(source)
         self.width, self._kept = vision_model.config.hidden_size, {}
     def __len__(self): return self.n
@@ -240,7 +241,8 @@ def ship_folder(source: str | Path, target: str | Path) -> Path:
 # %% ../nbs/02g_clip.ipynb #8557fd7a
 VISION_BAR = 0.9  # held-out subject and attribute accuracy a mini vision encoder needs before it is shipped
 
-def mini_vision_config(image_size: int = 32, patch_size: int = 4, hidden: int = 64, layers: int = 2, heads: int = 4) -> CLIPVisionConfig:
+def mini_vision_config(image_size: int = 32, patch_size: int = 4, hidden: int = 64, layers: int = 2,
+                       heads: int = 4) -> CLIPVisionConfig:
     "A small CLIPVisionModel config: (image_size / patch_size)^2 patches plus CLS."
     return CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
                             intermediate_size=2 * hidden,
@@ -252,7 +254,8 @@ def axis_labels(rows: list[dict]) -> dict[str, torch.Tensor]:
     labels = {a: torch.full((len(rows),), -100) for a in AXES}
     for i, r in enumerate(rows):
         t = THEMES[r["theme"]]
-        labels[t.subject_axis][i], labels[t.attribute_axis][i] = t.subjects.index(r["subject"]), t.attributes.index(r["attribute"])
+        labels[t.subject_axis][i], labels[t.attribute_axis][i] = (t.subjects.index(r["subject"]),
+                                                                  t.attributes.index(r["attribute"]))
     return labels
 
 # %% ../nbs/02g_clip.ipynb #ecb81018
@@ -303,22 +306,22 @@ def vision_heads_metrics(model: VisionHeads, images: np.ndarray, rows: list[dict
 def train_mini_vision(train: tuple[np.ndarray, list[dict]], val: tuple[np.ndarray, list[dict]],  # (renders, rows) each
                       out_dir, config: CLIPVisionConfig | None = None, steps: int = 1500, batch_size: int = 64,
                       lr: float = 2e-3, warmup: int = 100, ckpt_every: int = 250, seed: int = 0,
-                      downsample: int = 2) -> tuple[CLIPVisionModel, list[float], dict]:  # the pooling the aligner will read
+                      downsample: int = 2,  # the pooling the aligner will read
+                     ) -> tuple[CLIPVisionModel, list[float], dict]:
     ("Train a mini CLIPVisionModel through per-axis heads, resumably; save it (heads dropped) to `out_dir/vision` with "
      "metrics.json.")
     out_dir, config = Path(out_dir), config or mini_vision_config()
     images, rows = train
     if images.shape[1:3] != (config.image_size, config.image_size):
-        raise ValueError(f"renders are {images.shape[1]}x{images.shape[2]} but the encoder reads {config.image_size} "
-                         "px")
+        raise ValueError(f"renders are {images.shape[1]}x{images.shape[2]} but the encoder reads "
+                         f"{config.image_size} px")
     torch.manual_seed(seed)
     model = VisionHeads(CLIPVisionModel(config), downsample)
     schedule = Schedule(steps=steps, lr=lr, warmup=warmup, weight_decay=0.05, ckpt_every=ckpt_every, seed=seed)
     run = fit(model, vision_heads_loss_fn(images, rows, batch_size), schedule, out_dir / "vision_checkpoint.pt",
               desc="mini vision encoder", log_csv=out_dir / "vision_loss.csv")  # clipped at 1, fit's default
     metrics = {"heldout": vision_heads_metrics(model, *val), "steps": steps, "batch_size": batch_size, "lr": lr,
-               "seed": seed,
-               "downsample": downsample, "train_images": len(rows),
+               "seed": seed, "downsample": downsample, "train_images": len(rows),
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                "train_minutes": run.seconds / 60, "final_train_loss": float(np.mean(run.losses[-20:])),
                "parameters": sum(p.numel() for p in model.vision.parameters())}
@@ -340,11 +343,11 @@ def load_vision(path_or_id: str | Path, device="cpu", dtype=torch.float32):
     config = AutoConfig.from_pretrained(path_or_id)
     if config.model_type == "blip-2":  # the tower's tensors sit under vision_model.; the Q-Former and T5 are never read
         files = weight_files(path_or_id)
-        if not any(k.startswith("vision_model.") for k in files): raise ValueError(f"{path_or_id} holds no "
-                                                                                   "vision_model.* tensors")
+        if not any(k.startswith("vision_model.") for k in files):
+            raise ValueError(f"{path_or_id} holds no vision_model.* tensors")
         model = Blip2VisionModel.from_pretrained(path_or_id, key_mapping={r"^vision_model\.": ""},
                                                  dtype=dtype).to(device)
-    elif config.model_type in VISION_CLASSES: model = VISION_CLASSES[config.model_type].from_pretrained(path_or_id,
-                                                                                                        dtype=dtype).to(device)
+    elif config.model_type in VISION_CLASSES:
+        model = VISION_CLASSES[config.model_type].from_pretrained(path_or_id, dtype=dtype).to(device)
     else: raise ValueError(f"{path_or_id} is a {config.model_type!r} model, not one of {[*VISION_CLASSES, 'blip-2']}")
     return model.eval().requires_grad_(False)

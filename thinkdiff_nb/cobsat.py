@@ -99,10 +99,9 @@ def block_seed(seed: int,   # the run's seed, non-negative
 
 # %% ../nbs/02e_cobsat.ipynb #9fb3bf8d
 def evaluate_block(td: ThinkDiff, judges: dict[str, CobsatJudge], task, shot: int, start: int, prompts: list,
-                   methods=METHODS,
-                   n_tokens: int = 24, steps: int = 0, guidance: float = 0.0, seed: int = 0,
+                   methods=METHODS, n_tokens: int = 24, steps: int = 0, guidance: float = 0.0, seed: int = 0,
                    size: int = 0,  # side of the drawn images; 0: the profile's CoBSAT size
-                   demonstrations=rendered_demonstrations,  # prompt -> demonstration images (`CobsatImages.demonstrations`)
+                   demonstrations=rendered_demonstrations,  # prompt -> its images (`CobsatImages.demonstrations`)
                    ) -> tuple[pd.DataFrame, dict]:
     ("Per-prompt records of every method on a block of a task's prompts (the first at index `start`), and its images "
      "and answers.")
@@ -200,11 +199,10 @@ def run_blocks(out_dir: Path, units: dict,  # unit name (shot{S}_task{TT}) -> (s
 
 # %% ../nbs/02e_cobsat.ipynb #cf033ff3
 def evaluate(td: ThinkDiff, judges: dict[str, CobsatJudge], out_dir: Path, shots=(2, 4), n_prompts: int = 1000,
-             methods=METHODS,
-             tasks=TASKS, batch_size: int = 100,
+             methods=METHODS, tasks=TASKS, batch_size: int = 100,
              share: tuple[int, int] | None = None,  # (rank, processes); None: accelerate's
              poll_seconds: float = 10.0,
-             keep_images: bool = False,  # also keep every drawn image and the VLM's raw answers (`keep_block`), to re-judge
+             keep_images: bool = False,  # also keep the drawn images and VLM's raw answers (`keep_block`), to re-judge
              **kwargs) -> pd.DataFrame:
     ("All tasks and shots, resumable per block of `batch_size` prompts, blocks shared over processes; every process "
      "returns all records.")

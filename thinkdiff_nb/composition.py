@@ -65,24 +65,24 @@ def read_images(paths: list) -> list[np.ndarray]:
 @torch.no_grad()
 def flux_conditioning(decoder: FluxDecoder,
                       images: list[torch.Tensor],  # aligned tokens of each image, in order, each (B, n_k, d_text)
-                      texts: list[str] | None = None,  # one text per row; None: "" for every row (the multi-image script)
-                     ) -> tuple[torch.Tensor, torch.Tensor]:  # prompt embeds (B, sum n_k + L, d_text), pooled (B, d_pool)
+                      texts: list[str] | None = None,  # one text per row; None: "" per row (the multi-image script)
+                     ) -> tuple[torch.Tensor, torch.Tensor]:  # embeds (B, sum n_k + L, d_text), pooled (B, d_pool)
     "[image 1 ; image 2 ; ... ; FLUX T5 of the text at L] and the CLIP-pooled text, as ThinkDiff-CLIP conditions FLUX."
     if not images: raise ValueError("give the aligned tokens of at least one image")
     rows = len(images[0])
     texts = [""] * rows if texts is None else list(texts)
     for tokens in images:
         check_image_tokens(tokens, decoder.width)
-        if len(tokens) != rows: raise ValueError(f"images have {len(tokens)} and {rows} rows; give each image one row "
-                                                 "per prompt")
+        if len(tokens) != rows:
+            raise ValueError(f"images have {len(tokens)} and {rows} rows; give each image one row per prompt")
     if len(texts) != rows: raise ValueError(f"{len(texts)} texts for {rows} rows of image tokens")
     # (B, L, d_text): L = 128 with pad states kept; (B, d_pool): CLIP-L of the texts
     text, pooled = decoder.encode_prompt(texts)
     return torch.cat([t.to(text) for t in images] + [text], 1), pooled
 
 # %% ../nbs/02h_composition.ipynb #2da36d53
-def image_text_conditioning(decoder: FluxDecoder, image: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
+def image_text_conditioning(decoder: FluxDecoder, image: torch.Tensor,
+                            texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     "One image and a text (thinkdiff.md 6.5): [image 65 ; T5(text) 128] = 193 tokens, pooled CLIP of the text."
     return flux_conditioning(decoder, [image], texts)
 

@@ -53,7 +53,8 @@ class CompositionProbe:
     @property
     def image_axes(self) -> tuple[str, ...]:
         "The axes the images donate."
-        return ("subject", "attribute") if not self.text_axis else ({"subject": "attribute", "attribute": "subject"}[self.text_axis],)
+        return (("subject", "attribute") if not self.text_axis
+                else ({"subject": "attribute", "attribute": "subject"}[self.text_axis],))
 
 # %% ../nbs/02i_composition_scores.ipynb #5068f907
 def _others(values: list[str], keep: str, n: int, rng: random.Random) -> list[str]:
@@ -158,11 +159,11 @@ def _flags(frame: pd.DataFrame, probes: list[CompositionProbe]) -> pd.DataFrame:
 # %% ../nbs/02i_composition_scores.ipynb #d7f608c0
 def score_block(decoder: ImageDecoder, judge, probes: list[CompositionProbe], conditionings=CONDITIONINGS,
                 vision=None, aligner=None, steps: int = 0, guidance: float = 0.0, seed: int = 0,
-                size: int = 0,         # side of the drawn images; 0: the decoder's default
-                render_size: int = 32, # side of the input renders (the vision encoder resizes them to its own)
+                size: int = 0,          # side of the drawn images; 0: the decoder's default
+                render_size: int = 32,  # side of the input renders (the vision encoder resizes them to its own)
                 downsample: int = 2) -> tuple[pd.DataFrame, dict]:
-    ("Per (conditioning, probe): the judge's answers and flags; and the drawn images per conditioning, uint8 (B, H, W, "
-     "3).")
+    ("Per (conditioning, probe): the judge's answers and flags; and the drawn images per conditioning, "
+     "uint8 (B, H, W, 3).")
     frames, drawn = [], {}
     for c in conditionings:
         embeds, pooled = probe_conditioning(decoder, probes, c, vision, aligner, render_size, downsample)
@@ -171,8 +172,8 @@ def score_block(decoder: ImageDecoder, judge, probes: list[CompositionProbe], co
         for theme in dict.fromkeys(p.theme for p in probes):  # the judge answers among one theme's options at a time
             rows = [i for i, p in enumerate(probes) if p.theme == theme]
             mine = [probes[i] for i in rows]
-            frames.append(_flags(judged({judge.name: judge}, drawn[c][rows], theme, mine), mine).assign(conditioning=c,
-                                                                                                        row=rows))
+            frames.append(
+                _flags(judged({judge.name: judge}, drawn[c][rows], theme, mine), mine).assign(conditioning=c, row=rows))
     order = {c: i for i, c in enumerate(conditionings)}
     records = pd.concat(frames, ignore_index=True)
     records = records.sort_values(["conditioning", "row"],

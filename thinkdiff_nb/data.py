@@ -34,7 +34,7 @@ class MemorySource:
 def write_webdataset(root: str | Path, n_train: int, n_validation: int = 64,
                      per_tar: int = 64,                 # samples per tar
                      sides: tuple[int, int] = (24, 96),  # each image's width and height are drawn from this range
-                     render_size: int = 32,             # side of the MiniCoBSAT render, scaled up to the image's longer side
+                     render_size: int = 32,             # MiniCoBSAT render side, scaled up to the image's longer side
                      seed: int = 0, themes=None) -> Path:
     ("MiniCoBSAT renders of random sizes with captions, as cc_sbu webdataset tars `{root}/{split}/NNNNN.tar`, written "
      "atomically.")
@@ -48,15 +48,16 @@ def write_webdataset(root: str | Path, n_train: int, n_validation: int = 64,
             for _ in tqdm(range(n), desc=f"writing {root.name}/{split}"):
                 theme = rng.choice(themes)
                 subject, attribute = rng.choice(theme.subjects), rng.choice(theme.attributes)
-                width, height, nuisance_seed, key = rng.randint(*sides), rng.randint(*sides), seed * 1_000_003 + i, f"{i:09d}"
+                width, height, nuisance_seed, key = (rng.randint(*sides), rng.randint(*sides), seed * 1_000_003 + i,
+                                                     f"{i:09d}")
                 side = max(width, height)
                 image = centre_crop(Image.fromarray(render(theme, subject, attribute, render_size, nuisance_seed))
                                     .resize((side, side), Image.BICUBIC), width, height)
                 text = caption(theme, subject, attribute, rng)
                 meta = {"caption": text, "url": f"minicobsat:{theme.name}/{subject}/{attribute}/{nuisance_seed}",
-                        "key": key,
-                        "status": "success", "width": width, "height": height, "theme": theme.name, "subject": subject,
-                        "attribute": attribute, "seed": nuisance_seed}  # cc_sbu's fields, then the rendered pair
+                        "key": key, "status": "success", "width": width, "height": height,  # cc_sbu's fields
+                        "theme": theme.name, "subject": subject, "attribute": attribute,
+                        "seed": nuisance_seed}  # the rendered pair
                 tars.write({"__key__": key, "jpg": np.asarray(image), "json": meta, "txt": text})
                 i += 1
     os.replace(tmp, root)
@@ -84,8 +85,9 @@ def shard_list(folder: str | Path) -> list[dict]:
     index = folder / WIDS_INDEX
     if index.exists():  # relative urls resolve against the folder, absolute ones stay
         shards = [dict(s, url=str(folder / s["url"])) for s in json.loads(index.read_text())["shardlist"]]
-    else: shards = [{"url": str(t), "nsamples": count_samples(t)} for t in tqdm(sorted(folder.glob("*.tar")),
-                                                                                desc=f"counting {folder}")]
+    else:
+        shards = [{"url": str(t), "nsamples": count_samples(t)}
+                  for t in tqdm(sorted(folder.glob("*.tar")), desc=f"counting {folder}")]
     if not shards: raise FileNotFoundError(f"no .tar shards in {folder}")
     for s in shards:
         if not Path(s["url"]).exists():

@@ -72,7 +72,7 @@ class Explorer:
                  threads: int = 1,       # torch threads while recomputing (see `torch_threads`); 0: torch's own
                  scale: int = 3,         # on-page enlargement of the images
                  td: ThinkDiff | None = None,  # models already loaded (their profile is used); None: load the profile's
-                 composition: bool = True,  # a Composition tab (`Composer`) where the profile ships a vision encoder and CLIP aligner
+                 composition: bool = True,  # a `Composer` tab if the profile ships a vision encoder and CLIP aligner
                  judge: str = "mini",       # the Composition tab's judge: mini | llava | clip
                  device="cpu"):
         self.td = td or ThinkDiff.load(profile, profile_aligners(profile), device)
@@ -93,11 +93,10 @@ class Explorer:
         self.update()
         for w in self.controls.values(): w.observe(lambda change: self.update(), names="value")
         self.composer = (Composer.from_profile(self.td.profile, self.td.decoder, self.t5, self.t5_tokenizer, judge,
-                                               device,
-                                               steps=steps, n_tokens=n_tokens, threads=threads, scale=scale)
+                                               device, steps=steps, n_tokens=n_tokens, threads=threads, scale=scale)
                          if composition and has_composition(self.td.profile) else None)
-        self.widget = prompt_tab if self.composer is None else W.Tab([prompt_tab, self.composer.widget],
-                                                                     titles=["CoBSAT prompt", "Composition"])
+        self.widget = (prompt_tab if self.composer is None
+                       else W.Tab([prompt_tab, self.composer.widget], titles=["CoBSAT prompt", "Composition"]))
 
 # %% ../nbs/09_explorer.ipynb #f6b71291
 def small_widget(width: str = "150px") -> dict:
@@ -168,7 +167,8 @@ class Composer:
      "judged.")
     def __init__(self, decoder, vision, aligner, judge, t5, t5_tokenizer,  # loaded models (see `from_profile`)
                  steps: int = 8, n_tokens: int = 24, threads: int = 1, scale: int = 3):  # as `Explorer`'s
-        self.decoder, self.vision, self.aligner, self.judge, self.t5, self.t5_tokenizer = decoder, vision, aligner, judge, t5, t5_tokenizer
+        self.decoder, self.vision, self.aligner, self.judge, self.t5, self.t5_tokenizer = (
+            decoder, vision, aligner, judge, t5, t5_tokenizer)
         self.n_tokens, self.threads, self.scale = n_tokens, threads, scale
         self.controls = dict(kind=W.Dropdown(options=list(COMPOSITION_KINDS), description="kind",
                                              **small_widget("190px")),

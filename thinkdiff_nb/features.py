@@ -78,7 +78,7 @@ def final_norm(model) -> torch.nn.Module:
 def generate_with_features(model, processor, conversations, images, max_new_tokens: int = 24, sample: bool = True,
                            temperature: float = 0.6, top_p: float = 0.9,
                            min_new_tokens: int = 1,   # end tokens masked until this many (vLLM's min_tokens)
-                           ignore_eos: bool = False,  # exactly max_new_tokens, end tokens masked throughout (official inference)
+                           ignore_eos: bool = False,  # always max_new_tokens, end tokens masked (official inference)
                            image_size=32, capture: str | None = "hook",
                            vision_id: bool = True,    # "Picture k: " before each image (see `vlm_batch`)
                            ) -> list[dict]:
@@ -92,7 +92,8 @@ def generate_with_features(model, processor, conversations, images, max_new_toke
     applied_generation(model, config)  # an error if the model's own generation_config would add to it
     config.output_hidden_states, config.return_dict_in_generate = capture == "hidden_states", True
     states = []  # (B, P, d) from the prefill, then (B, 1, d) per step
-    hook = final_norm(model).register_forward_hook(lambda module, args, output: states.append(output)) if capture == "hook" else None
+    hook = (final_norm(model).register_forward_hook(lambda module, args, output: states.append(output))
+            if capture == "hook" else None)
     try: out = model.generate(**batch, generation_config=config)
     finally:
         if hook: hook.remove()

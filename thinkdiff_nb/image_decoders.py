@@ -56,7 +56,8 @@ def share_randn(shape: tuple, generator=None, share: tuple[int, int] = (0, 1)) -
     return torch.randn((total, *shape[1:]), generator=generator)[share_of(total, share)]
 
 # %% ../nbs/01a_image_decoders.ipynb #428ce6b9
-def flow_matching_loss(decoder, pixels, prompt_embeds, pooled, generator=None, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
+def flow_matching_loss(decoder, pixels, prompt_embeds, pooled, generator=None,
+                       share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     "Flow-matching MSE with logit-normal times for this process's share (B, 3, H, W) in [-1, 1] of a global batch."
     x0 = pack_pixels(pixels)
     noise = share_randn(x0.shape, generator, share).to(x0.device)
@@ -198,20 +199,19 @@ class FluxDecoder(ImageDecoder):
 
 # %% ../nbs/01a_image_decoders.ipynb #a14f7f37
 def load_image_decoder(profile: Profile | str, device="cpu", dtype=torch.float32,
-                       cpu_offload: bool = False,   # paper: diffusers' model CPU offload, for a single smaller GPU
-                       text_length: int = 0,        # T5 tokens of encoded text; 0: the decoder's own (mini 24, FLUX 128)
+                       cpu_offload: bool = False,  # paper: diffusers' model CPU offload, for a single smaller GPU
+                       text_length: int = 0,       # T5 tokens of encoded text; 0: the decoder's own (mini 24, FLUX 128)
                        ) -> ImageDecoder:
     "The profile's image decoder, frozen: the mini pixel-space decoder or a FluxPipeline."
     profile = as_profile(profile)
     if profile.kind == "mini":
-        if text_length not in (0, TEXT_LENGTH): raise ValueError("the mini decoder was trained on "
-                                                                 f"{TEXT_LENGTH}-token texts, not {text_length}")
+        if text_length not in (0, TEXT_LENGTH):
+            raise ValueError(f"the mini decoder was trained on {TEXT_LENGTH}-token texts, not {text_length}")
         return PixelDecoder(load_decoder(profile, device, dtype), *load_t5(profile, device, dtype))
     pipe = FluxPipeline.from_pretrained(profile.decoder, dtype=dtype)
     if pipe.transformer.config.joint_attention_dim != profile.text_width:
         raise ValueError(f"{profile.decoder} reads {pipe.transformer.config.joint_attention_dim}-wide prompt embeds "
-                         "but "
-                         f"profile {profile.name!r} aligns to {profile.text_width}")
+                         f"but profile {profile.name!r} aligns to {profile.text_width}")
     if cpu_offload: pipe.enable_model_cpu_offload(device=device)
     else: pipe.to(device)
     return FluxDecoder(pipe, text_length or 128)

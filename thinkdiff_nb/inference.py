@@ -31,7 +31,7 @@ class ThinkDiff:
     processor: object
     decoder: ImageDecoder
     aligners: dict = field(default_factory=dict)  # aligner method -> Aligner
-    readouts: dict = field(default_factory=dict)  # aligner method -> affine T5 readout of an aligner that has one (a diagnostic)
+    readouts: dict = field(default_factory=dict)  # aligner method -> its affine T5 readout if any (a diagnostic)
     @classmethod
     def load(cls, profile: Profile | str, aligners: dict | None = None,  # {aligner method: folder or .pth}
              device="cpu", dtype=torch.float32, cpu_offload: bool = False, text_length: int = 0) -> "ThinkDiff":
@@ -41,15 +41,15 @@ class ThinkDiff:
         if unknown: raise ValueError(f"unknown aligner methods {sorted(unknown)}; aligner methods are "
                                      f"{list(ALIGNER_METHODS)}")
         loaded = {name: load_aligner(path).to(device).eval() for name, path in (aligners or {}).items()}
-        readouts = {name: r.to(device) for name,
-                    path in (aligners or {}).items() if (r := load_readout(path)) is not None}
+        readouts = {name: r.to(device) for name, path in (aligners or {}).items()
+                    if (r := load_readout(path)) is not None}
         vlm, processor = load_vlm(profile, device, dtype)
         return cls(profile, vlm, processor, load_image_decoder(profile, device, dtype, cpu_offload, text_length),
                    loaded, readouts)
 
 # %% ../nbs/02d_inference.ipynb #7aa7ebd6
 def aligner_folders(profile: Profile | str, methods,
-                    aligners: dict | None = None,  # {aligner method: folder or .pth}; a method left out: the profile's own
+                    aligners: dict | None = None,  # {aligner method: folder or .pth}; others: the profile's own
                     ) -> dict:
     "{aligner method: path} of every aligner a list of methods reads, each checked to exist."
     profile, aligners = as_profile(profile), aligners or {}
@@ -73,7 +73,7 @@ def rendered_demonstrations(prompt: InContextPrompt, image_seed: int = 10 ** 6) 
 # %% ../nbs/02d_inference.ipynb #cd91a526
 def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, seed: int = 0, batch_size: int = 64,
             demonstrations=rendered_demonstrations,  # prompt -> its demonstration images (e.g. CoBSAT's released ones)
-            features: bool = True,  # also the states of exactly n_tokens with the end tokens masked (the aligners' input)
+            features: bool = True,  # also the states of exactly n_tokens, end tokens masked (the aligners' input)
             ) -> list[dict]:
     ("Per prompt: the answer text up to its end token and, with `features`, the prompt states and `n_tokens` generated "
      "states.")
@@ -118,17 +118,18 @@ def _per_row(tokens: Tokens, op) -> Tokens:
     return op(tokens) if torch.is_tensor(tokens) else [op(t[None])[0] for t in tokens]
 
 # %% ../nbs/02d_inference.ipynb #ebfa099c
-def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt], responses: list[dict]) -> tuple[Tokens,
-                                                                                                             torch.Tensor]:
+def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt],
+                 responses: list[dict]) -> tuple[Tokens, torch.Tensor]:
     ("(decoder tokens (B, L, d) or a ragged list, pooled vectors (B, d_pool)) of a method for a batch of prompts and "
      "answers.")
     text = td.decoder.encode_prompt
     if method in ALIGNER_METHODS: return _aligned(td, method, responses), td.decoder.empty_pooled(len(responses))
     if method == "thinkdiff-readout":
-        if "thinkdiff" not in td.readouts: raise KeyError("the thinkdiff aligner has no T5 readout; 03_train saves "
-                                                          "one beside its weights")
+        if "thinkdiff" not in td.readouts:
+            raise KeyError("the thinkdiff aligner has no T5 readout; 03_train saves one beside its weights")
         readout = td.readouts["thinkdiff"]
-        return _per_row(_aligned(td, "thinkdiff", responses), lambda t: apply_readout(t, readout)), td.decoder.empty_pooled(len(responses))
+        return (_per_row(_aligned(td, "thinkdiff", responses), lambda t: apply_readout(t, readout)),
+                td.decoder.empty_pooled(len(responses)))
     if method == "text-bridge": return text([r["answer"] for r in responses])
     if method == "hybrid":
         embeds, pooled = text([r["answer"] for r in responses])

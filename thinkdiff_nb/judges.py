@@ -124,8 +124,8 @@ class LlavaJudge(CobsatJudge):
     def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor,
                  max_new_tokens: int = 512,  # CoBSAT's llava_args; generation stops earlier at EOS
                  batch_size: int = 8):  # (image, question) pairs per generate call, left-padded
-        self.model, self.processor, self.max_new_tokens, self.batch_size = model.eval(), processor, max_new_tokens, batch_size
-        self.fill = tuple(int(m * 255) for m in processor.image_processor.image_mean)  # LLaVA's padding colour
+        self.model, self.processor, self.max_new_tokens = model.eval(), processor, max_new_tokens
+        self.batch_size, self.fill = batch_size, tuple(int(m * 255) for m in processor.image_processor.image_mean)
     @classmethod
     def from_profile(cls, profile: Profile | str, device="cpu", dtype=torch.float32, **kwargs) -> LlavaJudge:
         "The profile's LLaVA, loaded as `llava-hf/llava-1.5-13b-hf` is."
@@ -209,7 +209,7 @@ def judge_dtype(name: str, device) -> torch.dtype:
 def load_cobsat_judge(profile: Profile | str,
                       name: str,  # mini | llava | clip
                       device="cpu",  # a torch device; llava and clip take it as from_pretrained's device_map
-                      dtype: torch.dtype | str = "auto",  # auto: CoBSAT's (`judge_dtype`), not the run's; the CNN stays float32
+                      dtype: torch.dtype | str = "auto",  # auto: CoBSAT's (`judge_dtype`), not the run's; CNN: float32
                       **kwargs,  # judge options (see _OPTIONS); a judge ignores the others'
                      ) -> CobsatJudge:
     "One of CoBSAT's judges for a profile, by name."

@@ -61,7 +61,7 @@ def aligner_negatives(aligner, cache, vlm_tokenizer, t5_tokenizer):
 
 # %% ../nbs/02f_premise_trials.ipynb #9a9d929d
 def fine_tune_t5_decoder(t5, tokenizer, steps: int, ckpt_path,
-                         loss_on_states,  # (model, states (B, L, d), mask (B, L), labels (B, T), generator, rng) -> loss
+                         loss_on_states,  # (model, states (B, L, d), mask (B, L), labels (B, T), g, rng) -> loss
                          lr: float = 5e-4, batch_size: int = 64, seed: int = 0, desc: str = "T5 decoder") -> dict:
     ("Fine-tune T5's decoder side alone, resumably, on the mini T5's pretraining pairs; the encoder and shared "
      "embedding stay frozen.")
@@ -116,10 +116,11 @@ def t5_inversions(t5, tokenizer, texts: list[str], per_text: int = 2, steps: int
     return torch.cat(found)
 
 # %% ../nbs/02f_premise_trials.ipynb #45df501f
-def fine_tune_image_decoder(transformer, images: np.ndarray,  # uint8 (N, H, W, 3), as `load_bank` returns them
-                            caption_ids: torch.Tensor,         # (N,): each image's row of the conditions, 0 the empty prompt
-                            conditions,                        # (rows (B,), generator) -> prompt tokens (B, L, d) of those rows
-                            pooled: torch.Tensor,              # (1, d): the pooled input of every prompt
+def fine_tune_image_decoder(transformer,
+                            images: np.ndarray,         # uint8 (N, H, W, 3), as `load_bank` returns them
+                            caption_ids: torch.Tensor,  # (N,): each image's row of the conditions, 0 the empty prompt
+                            conditions,                 # (rows (B,), generator) -> those rows' prompt tokens (B, L, d)
+                            pooled: torch.Tensor,       # (1, d): the pooled input of every prompt
                             steps: int, ckpt_path, lr: float = 3e-4, batch_size: int = 64, caption_dropout: float = 0.1,
                             ema_decay: float = 0.999, seed: int = 0, desc: str = "image decoder") -> dict:
     ("Fine-tune the image decoder, resumably, by flow matching as it was pretrained, a share of rows dropped to the "
@@ -203,13 +204,12 @@ def readers_in_subspace(t5, tokenizer, transformer, images: np.ndarray, captions
 
 # %% ../nbs/02f_premise_trials.ipynb #f937ca76
 BACKBONE_CHANGES = ("premise-broken", "decoder-negatives-scaled", "decoder-negatives-aligner", "uneven-norm",
-                    "reads-inversions",
-                    "readers-in-subspace")
+                    "reads-inversions", "readers-in-subspace")
 _NEEDS = {"decoder-negatives-aligner": ("wayward_aligner", "cache", "vlm_tokenizer"), "reads-inversions": ("bank",),
           "readers-in-subspace": ("bank",)}
 
 def change_backbones(change: str, t5, tokenizer, transformer, out_dir, steps: int,
-                     bank=None,             # reads-inversions, readers-in-subspace: (uint8 images (N, H, W, 3), captions)
+                     bank=None,             # reads-inversions, readers-in-subspace: (uint8 (N, H, W, 3), captions)
                      wayward_aligner=None,  # decoder-negatives-aligner: the aligner whose tokens are the negatives ...
                      cache=None,            # ... of this training feature cache's answers
                      vlm_tokenizer=None,
@@ -217,22 +217,22 @@ def change_backbones(change: str, t5, tokenizer, transformer, out_dir, steps: in
                      subspace_rank: int = 16,  # readers-in-subspace: dimensions of the encoder states the readers keep
                      seed: int = 0) -> dict:
     "Apply the change called `change` to a T5 and an image decoder in place; returns what it did."
-    if change not in BACKBONE_CHANGES: raise ValueError(f"unknown backbone change {change!r}; changes are "
-                                                        f"{BACKBONE_CHANGES}")
+    if change not in BACKBONE_CHANGES:
+        raise ValueError(f"unknown backbone change {change!r}; changes are {BACKBONE_CHANGES}")
     given = {"bank": bank, "wayward_aligner": wayward_aligner, "cache": cache, "vlm_tokenizer": vlm_tokenizer}
     missing = [k for k in _NEEDS.get(change, ()) if given[k] is None]
     if missing: raise ValueError(f"backbone change {change!r} needs {', '.join(missing)}")
     ckpt = Path(out_dir) / ("decoder_ckpt.pt" if change == "reads-inversions" else "t5_ckpt.pt")
     if change == "uneven-norm": return uneven_final_norm(t5, transformer, sigma, seed)
-    if change == "decoder-negatives-scaled": return decoder_negatives(t5, tokenizer, steps, ckpt,
-                                                                      scaled_state_negatives, seed=seed)
+    if change == "decoder-negatives-scaled":
+        return decoder_negatives(t5, tokenizer, steps, ckpt, scaled_state_negatives, seed=seed)
     if change == "decoder-negatives-aligner":
         return decoder_negatives(t5, tokenizer, steps, ckpt,
                                  aligner_negatives(wayward_aligner, cache, vlm_tokenizer, tokenizer), seed=seed)
-    if change == "reads-inversions": return decoder_reads_inversions(transformer, t5, tokenizer, *bank, steps, ckpt,
-                                                                     seed=seed)
-    if change == "readers-in-subspace": return readers_in_subspace(t5, tokenizer, transformer, *bank, steps, out_dir,
-                                                                   subspace_rank, seed=seed)
+    if change == "reads-inversions":
+        return decoder_reads_inversions(transformer, t5, tokenizer, *bank, steps, ckpt, seed=seed)
+    if change == "readers-in-subspace":
+        return readers_in_subspace(t5, tokenizer, transformer, *bank, steps, out_dir, subspace_rank, seed=seed)
     return {}  # premise-broken
 
 # %% ../nbs/02f_premise_trials.ipynb #c2cc8361

@@ -91,12 +91,12 @@ def span_length_probs(room: int, mean_span: float = 3.0) -> list[float]:
 # %% ../nbs/01b_pretrain.ipynb #9f17afae
 def _span_corruptions(words: list[str], density: float, mean_span: float):
     "Every (input, target, probability) that `span_corrupt` makes of a caption short enough for a single span."
-    if round(max(1, round(len(words) * density)) / mean_span) > 1: raise ValueError(f"{' '.join(words)!r} gets "
-                                                                                    "several spans")
+    if round(max(1, round(len(words) * density)) / mean_span) > 1:
+        raise ValueError(f"{' '.join(words)!r} gets several spans")
     for start in range(len(words)):  # a uniform start, then a clipped exponential length
         for length, q in enumerate(span_length_probs(len(words) - start, mean_span), 1):
-            yield " ".join(words[:start] + ["<X>"]
-                           + words[start + length:]), " ".join(words[start:start + length]), q / len(words)
+            yield (" ".join(words[:start] + ["<X>"] + words[start + length:]), " ".join(words[start:start + length]),
+                   q / len(words))
 
 # %% ../nbs/01b_pretrain.ipynb #0ae0ca6b
 def span_ceiling(density: float = 0.15, mean_span: float = 3.0) -> float:
@@ -150,7 +150,8 @@ def augment(pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     "Noise, blur and mild brightness/contrast jitter of images (B, 3, H, W) in [-1, 1]."
     b = pixels.shape[0]
     def u(lo, hi): return lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=g)
-    x = (pixels - pixels.mean((1, 2, 3), keepdim=True)) * u(0.85, 1.15) + pixels.mean((1, 2, 3), keepdim=True) + u(-0.1, 0.1)
+    x = ((pixels - pixels.mean((1, 2, 3), keepdim=True)) * u(0.85, 1.15) + pixels.mean((1, 2, 3), keepdim=True)
+         + u(-0.1, 0.1))
     blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
     x = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.3, blurred, x)
     return (x + torch.randn(x.shape, generator=g) * u(0.0, 0.15)).clamp(-1, 1)

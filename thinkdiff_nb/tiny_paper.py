@@ -36,7 +36,8 @@ _GENERIC_TEXTS = [
 
 def _corpus() -> list[str]:
     "Training text of the tiny tokenizers: the project's captions and prompts plus a few generic English sentences."
-    return world_texts() + DESCRIBE_INSTRUCTIONS + [ICL_INSTRUCTION, SYSTEM_PROMPT, " ".join(vlm_words())] + _GENERIC_TEXTS
+    return (world_texts() + DESCRIBE_INSTRUCTIONS + [ICL_INSTRUCTION, SYSTEM_PROMPT, " ".join(vlm_words())]
+            + _GENERIC_TEXTS)
 
 # %% ../nbs/02j_tiny_paper.ipynb #ac411952
 def _word_counts(tok: Tokenizer, texts) -> Counter:
@@ -82,26 +83,27 @@ def _merged_vocab(alphabet: list[str], merges) -> dict[str, int]:
     return {t: i for i, t in enumerate(dict.fromkeys(list(alphabet) + [a + b for a, b in merges]))}
 
 # %% ../nbs/02j_tiny_paper.ipynb #00000008
+# Qwen2's special tokens in Qwen2-VL's order (151643.. in the real vocab)
 _QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                   "<|vision_end|>",
-                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # Qwen2-VL's order (151643.. in the real vocab)
-_QWEN2_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+_QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_VL_CHAT_TEMPLATE = (  # Qwen/Qwen2-VL-7B-Instruct chat_template.json, verbatim
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
-    "assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% "
-    "else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in "
-    "content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% "
-    "endif %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif "
-    "%}"
-    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor "
-    "%}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}"
     "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 def _qwen2_tokenizer(n_merges: int = 600,  # BPE merges beyond the 256 bytes (fewer if pairs run out)
@@ -118,9 +120,8 @@ def _qwen2_tokenizer(n_merges: int = 600,  # BPE merges beyond the 256 bytes (fe
     tok.add_special_tokens(_QWEN2_SPECIALS)  # ids right after the BPE vocab, in this order
     return Qwen2Tokenizer(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
                           pad_token="<|endoftext|>", additional_special_tokens=_QWEN2_SPECIALS[1:],
-                          add_prefix_space=False,
-                          chat_template=_QWEN2_VL_CHAT_TEMPLATE, model_max_length=32768, errors="replace",
-                          clean_up_tokenization_spaces=False, split_special_tokens=False)
+                          add_prefix_space=False, chat_template=_QWEN2_VL_CHAT_TEMPLATE, model_max_length=32768,
+                          errors="replace", clean_up_tokenization_spaces=False, split_special_tokens=False)
 
 # %% ../nbs/02j_tiny_paper.ipynb #0000000b
 _T5_SENTINELS = 100  # <extra_id_0> .. <extra_id_99>, as T5 has them
@@ -129,9 +130,9 @@ def _t5_tokenizer(n_merges: int = 400,  # merges that make the multi-character p
                  ) -> T5Tokenizer:
     "A T5-style Unigram T5Tokenizer trained on the corpus, with T5's specials and 100 sentinels."
     tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always",
-                                                                          split=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(),
+         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     counts = _word_counts(tok, _corpus())
     merges, words = _learn_merges(counts, n_merges)
     freq = Counter()
@@ -409,15 +410,16 @@ def _complete(root: Path) -> bool:
 def _save_aligners(folder: Path, root: Path, seed: int):
     ("Random T5-initialised aligners to T5's width: from the VLM's under every aligner method (`thinkdiff` with a "
      "readout), from BLIP-2's vision tower for ThinkDiff-CLIP.")
-    norm, width = t5_final_norm_weight(str(root / "t5")), Qwen2VLConfig.from_pretrained(root
-                                                                                        / "vlm").text_config.hidden_size
+    norm, width = (t5_final_norm_weight(str(root / "t5")),
+                   Qwen2VLConfig.from_pretrained(root / "vlm").text_config.hidden_size)
     for k, name in enumerate(ALIGNER_METHODS):
         _seeded(seed + k, lambda: init_norm_from_t5(Aligner(width, len(norm)), norm)).save_pretrained(folder / name)
     save_readout(_seeded(seed + 9,
                          lambda: torch.eye(len(norm) + 1, len(norm)) + 0.01 * torch.randn(len(norm) + 1, len(norm))),
                  folder / "thinkdiff")
     vision_width = Blip2Config.from_pretrained(root / "blip2").vision_config.hidden_size
-    _seeded(seed + 10, lambda: init_norm_from_t5(Aligner(vision_width, len(norm)), norm)).save_pretrained(folder / "thinkdiff-clip")
+    clip_aligner = _seeded(seed + 10, lambda: init_norm_from_t5(Aligner(vision_width, len(norm)), norm))
+    clip_aligner.save_pretrained(folder / "thinkdiff-clip")
 
 # %% ../nbs/02j_tiny_paper.ipynb #a2f94f09
 def _build(root: Path, seed: int):
@@ -435,7 +437,7 @@ def _build(root: Path, seed: int):
     _write_json(root / _MARKER, {"seed": seed, "folders": list(_FOLDERS)})
 
 # %% ../nbs/02j_tiny_paper.ipynb #7f8792ca
-def save_tiny_paper(root: str | Path,  # folder to hold vlm/, t5/, flux/, judge/, llava/, clip/, blip2/, cogvideox/ and aligners/; a complete one is reused
+def save_tiny_paper(root: str | Path,  # profile folder (vlm/, t5/, flux/, ..., aligners/); a complete one is reused
                     seed: int = 0,  # seed of every weight: the same seed writes the same bytes
                    ) -> Path:  # `root`
     ("Write tiny random-weight Qwen2-VL, Flan-T5, FLUX.1-dev, judge, LLaVA, CLIP, BLIP-2, CogVideoX and aligner "
@@ -446,8 +448,8 @@ def save_tiny_paper(root: str | Path,  # folder to hold vlm/, t5/, flux/, judge/
         if built != seed: raise ValueError(f"{root} holds the tiny-paper profile of seed {built}, not {seed}")
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} exists and is not a complete tiny-paper profile; remove it or choose another "
-                              "folder")
+        raise FileExistsError(f"{root} exists and is not a complete tiny-paper profile; "
+                              "remove it or choose another folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".building", dir=root.parent))
     try:

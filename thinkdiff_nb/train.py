@@ -73,19 +73,19 @@ class AlignerBatches:
                  max_split: int = 128,
                  share: tuple[int, int] | None = None):  # (rank, processes); None: this process's under accelerate
         aligner_method(method)
-        self.cache, self.method, self.vlm_tok, self.t5_tok, self.bs, self.max_split = cache, method, vlm_tokenizer, t5_tokenizer, batch_size, max_split
+        self.cache, self.method, self.vlm_tok, self.t5_tok, self.bs, self.max_split = (
+            cache, method, vlm_tokenizer, t5_tokenizer, batch_size, max_split)
         self.share = share or process_share()
         share_of(batch_size, self.share)  # a global batch that does not split evenly is an error now, not at step 0
     def __call__(self, g: torch.Generator):
         "(features (b, S, d), mask (b, S), labels (b, T), this share's weight in the global token mean)."
         idx = torch.randint(len(self.cache), (self.bs,), generator=g).tolist()
-        rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))
-        # every process alike
+        rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))  # every process alike
         examples = [make_example(self.cache[i], self.method, rng, self.vlm_tok, self.max_split) for i in idx]
         features, mask, labels = collate(examples[share_of(self.bs, self.share)], self.t5_tok)
-        # DDP averages the processes' gradients: weighting each share's token mean by its token count times the process
-        # count over the global count makes that average the gradient of the global batch's token mean (1.0 on one
-        # process)
+        # DDP averages the processes' gradients: weighting each share's token mean by its token count times the
+        # process count over the global count makes that average the gradient of the global batch's token mean
+        # (1.0 on one process)
         weight = int((labels != -100).sum()) * self.share[1] / label_tokens([t for _, t in examples], self.t5_tok)
         return features, mask, labels, weight
 
@@ -119,7 +119,7 @@ def aligner_loss_fn(t5, batches: AlignerBatches):
 # %% ../nbs/02c_training.ipynb #56b60487
 @torch.no_grad()
 def teacher_forced_metrics(t5,
-                           decoder_inputs,  # generator -> (encoder states (B, S, d), mask (B, S), labels (B, T) on the CPU)
+                           decoder_inputs,  # generator -> (encoder states (B, S, d), mask (B, S), CPU labels (B, T))
                            n_batches: int = 10, seed: int = 1234) -> dict:
     "Mean loss and teacher-forced next-token accuracy of the frozen T5 decoder over fixed seeded batches."
     g, losses, right, total = torch.Generator().manual_seed(seed), [], 0, 0
@@ -214,8 +214,8 @@ def _probe_table(cache, n: int, rows: tuple) -> tuple[dict, dict]:
 def content_probe(train_cache, val_cache, rows: tuple = (0, 1, 2, 3, 4), max_train: int = 6000, steps: int = 300,
                   seed: int = 0) -> dict:
     "Validation accuracy of linear probes reading the answer's subject and attribute from each generated row k."
-    (x_train, y_train), (x_val, y_val) = _probe_table(train_cache, max_train, rows), _probe_table(val_cache,
-                                                                                                  len(val_cache), rows)
+    (x_train, y_train), (x_val, y_val) = (_probe_table(train_cache, max_train, rows),
+                                          _probe_table(val_cache, len(val_cache), rows))
     out = {}
     for axis in ("subject", "attribute"):
         classes = {c: i for i, c in enumerate(sorted(set(y_train[axis])))}
@@ -240,7 +240,8 @@ def encoder_states(t5, tokenizer):
      "writes.")
     def states(text: str):
         enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
-        return t5.get_encoder()(input_ids=enc.input_ids.to(t5.device)).last_hidden_state[0], enc.offset_mapping[0].tolist()
+        return (t5.get_encoder()(input_ids=enc.input_ids.to(t5.device)).last_hidden_state[0],
+                enc.offset_mapping[0].tolist())
     return states
 
 # %% ../nbs/02c_training.ipynb #9a27e0df
@@ -305,8 +306,8 @@ def t5_space_agreement(aligner: Aligner, states, vlm_tokenizer, cache: FeatureCa
     if len(pairs) < 4: return {"matched_share": len(pairs) / tried, "cosine": None, "affine_r2": None}
     half = len(pairs) // 2
     (x_fit, y_fit), (x_val, y_val) = [[torch.cat(rows) for rows in zip(*part)] for part in (pairs[:half], pairs[half:])]
-    residual = ((apply_readout(x_val, fit_readout(x_fit, y_fit)) - y_val) ** 2).sum() / ((y_val
-                                                                                          - y_val.mean(0)) ** 2).sum()
+    residual = (((apply_readout(x_val, fit_readout(x_fit, y_fit)) - y_val) ** 2).sum()
+                / ((y_val - y_val.mean(0)) ** 2).sum())
     aligned, encoded = (torch.cat(rows) for rows in zip(*pairs))
     return {"matched_share": len(pairs) / tried, "rows": len(aligned),
             "cosine": float(F.cosine_similarity(aligned, encoded, dim=-1).mean()), "affine_r2": float(1 - residual),
@@ -379,9 +380,8 @@ def image_caption_root(data_root, render_if_missing: bool = True, images_per_pai
     "`data_root`, after rendering a MiniCoBSAT image-caption set into it if it holds none and `render_if_missing`."
     data_root = Path(data_root)
     with process_state().main_process_first():  # the main process renders; the others then find the set
-        if render_if_missing and not (data_root / "train.jsonl").exists(): write_image_caption_set(data_root,
-                                                                                                   images_per_pair,
-                                                                                                   seed=seed)
+        if render_if_missing and not (data_root / "train.jsonl").exists():
+            write_image_caption_set(data_root, images_per_pair, seed=seed)
     return data_root
 
 # %% ../nbs/02c_training.ipynb #74f79ffa

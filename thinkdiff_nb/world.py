@@ -516,9 +516,9 @@ def paint_style(subject, style, n, nz):
 
 # %% ../nbs/00_world.ipynb #084452f1
 ACTION_GROUNDS = {"swim": (0.75, 0.9, 1.0), "sleep": (0.08, 0.08, 0.3), "sing": (1.0, 0.85, 0.95),
-                  "run": (0.95, 0.95, 0.8),
-                  "read": (0.85, 0.8, 0.7), "fly": (0.45, 0.7, 1.0), "eat": (0.9, 1.0, 0.85), "drink": (0.8, 1.0, 0.95),
-                  "cry": (0.65, 0.68, 0.75), "angry": (1.0, 0.45, 0.35)}
+                  "run": (0.95, 0.95, 0.8), "read": (0.85, 0.8, 0.7), "fly": (0.45, 0.7, 1.0),
+                  "eat": (0.9, 1.0, 0.85), "drink": (0.8, 1.0, 0.95), "cry": (0.65, 0.68, 0.75),
+                  "angry": (1.0, 0.45, 0.35)}
 ACTION_POSE = {"sleep": (0.0, 0.08, 0.85), "fly": (0.0, -0.1, 0.8), "run": (0.08, 0.0, 0.9), "swim": (0.0, 0.05, 1.0),
                "read": (0.0, -0.08, 0.85), "eat": (0.0, -0.08, 0.85), "drink": (-0.06, 0.0, 0.85)}  # dx, dy, scale
 
@@ -527,9 +527,14 @@ def _cue(action, n, nz):
     u, v = _grid(n); p = nz.phase * 0.05
     if action == "swim": return (0.1, 0.4, 0.85), (v > 0.62 + 0.03 * np.sin(25 * u + 6 * nz.phase)) * 0.8
     if action == "sleep":
-        return (1.0, 1.0, 0.5), ((np.abs(u - 0.8) < 0.1) & ((np.abs(v - 0.1) < 0.025) | (np.abs(v - 0.26) < 0.025) | (np.abs(u - 0.8 + (v - 0.18)) < 0.03) & (np.abs(v - 0.18) < 0.08)))
+        return ((1.0, 1.0, 0.5),
+                ((np.abs(u - 0.8) < 0.1)
+                 & ((np.abs(v - 0.1) < 0.025) | (np.abs(v - 0.26) < 0.025)
+                    | (np.abs(u - 0.8 + (v - 0.18)) < 0.03) & (np.abs(v - 0.18) < 0.08))))
     if action == "sing":
-        return (0.1, 0.0, 0.3), ((((u - 0.8) ** 2 + (v - 0.25) ** 2) < 0.005) | ((np.abs(u - 0.86) < 0.02) & (v > 0.05) & (v < 0.25)) | ((np.abs(v - 0.07) < 0.02) & (u > 0.86) & (u < 0.96)))
+        return ((0.1, 0.0, 0.3),
+                ((((u - 0.8) ** 2 + (v - 0.25) ** 2) < 0.005) | ((np.abs(u - 0.86) < 0.02) & (v > 0.05) & (v < 0.25))
+                 | ((np.abs(v - 0.07) < 0.02) & (u > 0.86) & (u < 0.96))))
     if action == "run": return (0.3, 0.3, 0.3), (u < 0.22) * _stripes(v + p, 0.12, 0.3) * (v > 0.2) * (v < 0.8)
     if action == "read":
         return (1.0, 1.0, 1.0), (np.abs(u - 0.5) < 0.28) & (v > 0.72) & (v < 0.95) & (np.abs(u - 0.5) > 0.015)
@@ -538,7 +543,9 @@ def _cue(action, n, nz):
     if action == "drink": return (0.2, 0.8, 1.0), (np.abs(u - 0.87) < 0.07) & (v > 0.55) & (v < 0.92)
     if action == "cry": return (0.0, 0.4, 1.0), _dots(n, 0.16, 0.03, nz.phase) * (np.abs(u - 0.5) > 0.38)
     if action == "angry":
-        return (0.0, 0.0, 0.0), (np.abs(u - 0.85) < 0.08) & (np.abs(v - 0.15) < 0.08) & ((np.abs(u - v - 0.7) < 0.025) | (np.abs(u + v - 1.0) < 0.025))
+        return ((0.0, 0.0, 0.0),
+                (np.abs(u - 0.85) < 0.08) & (np.abs(v - 0.15) < 0.08)
+                & ((np.abs(u - v - 0.7) < 0.025) | (np.abs(u + v - 1.0) < 0.025)))
     raise ValueError(f"unknown action {action!r}")
 
 # %% ../nbs/00_world.ipynb #42d0cd6f
@@ -632,11 +639,12 @@ def min_pair_distance(theme: Theme | str, size: int = 32) -> tuple[float, tuple,
 # %% ../nbs/00_world.ipynb #819e0738
 PHRASES = {  # per attribute axis: templates of "{s}" (the subject) for each value; the first is canonical
     "color": {c: [f"a {c} {{s}}", f"a {{s}} in {c}", f"a {c} colored {{s}}"] for c in AXES["color"]},
-    "background": {b: [f"a {{s}} {p}", f"a {{s}} with {p.split(' ', 1)[1]} behind it", f"a photo of a {{s}} "
-                                                                                       f"{p}"] for b, p in {
-        "beach": "on the beach", "desert": "in the desert", "glacier": "on a glacier", "volcano": "near a volcano",
-        "park": "in an amusement park", "gym": "in a gym", "waterfall": "by a waterfall", "space": "in space",
-        "cave": "in a cave", "seafloor": "on the seafloor"}.items()},
+    "background": {
+        b: [f"a {{s}} {p}", f"a {{s}} with {p.split(' ', 1)[1]} behind it", f"a photo of a {{s}} {p}"]
+        for b, p in {
+            "beach": "on the beach", "desert": "in the desert", "glacier": "on a glacier", "volcano": "near a volcano",
+            "park": "in an amusement park", "gym": "in a gym", "waterfall": "by a waterfall", "space": "in space",
+            "cave": "in a cave", "seafloor": "on the seafloor"}.items()},
     "style": {"watercolor": ["a watercolor painting of a {s}", "a {s} in watercolor style"],
               "sketch": ["a sketch of a {s}", "a pencil sketch of a {s}"],
               "pixel": ["a pixel art {s}", "a {s} in pixel style"],

@@ -235,7 +235,8 @@ class Check:
         whole, _ = load_t5(self.profile, self.device, self.dtype, encoder=True)
         g = torch.Generator().manual_seed(0)
         states = torch.randn(2, 16, whole.config.d_model, generator=g).to(self.device, self.dtype)
-        labels = tokenizer(["a red car on a beach", "a photo of a cat"], return_tensors="pt", padding=True).input_ids.to(self.device)
+        labels = tokenizer(["a red car on a beach", "a photo of a cat"], return_tensors="pt",
+                           padding=True).input_ids.to(self.device)
         with torch.no_grad():
             a = decoder_only(encoder_outputs=(states,), labels=labels).loss.float().item()
             b = whole(encoder_outputs=(states,), labels=labels).loss.float().item()
@@ -302,8 +303,8 @@ class Check:
         aligner = load_aligner(self.args.clip_aligner or self.profile.clip_aligner).to(self.device, self.dtype).eval()
         pipe = load_video_pipeline(self.profile, self.device, self.dtype, cpu_offload=gpu())
         with torch.no_grad():
-            tokens = aligner(vision_tokens(vision, [render("color_object", "car", "red", 224)]).to(self.device,
-                                                                                                   self.dtype))
+            tokens = aligner(
+                vision_tokens(vision, [render("color_object", "car", "red", 224)]).to(self.device, self.dtype))
         side = self.sizes["video_side"]
         path = image_text_video(pipe, tokens, "a car driving along a beach at sunset", self.out / "video.mp4",
                                 frames=self.sizes["video_frames"], height=side, width=side,

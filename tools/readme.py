@@ -1,7 +1,8 @@
 """README.md from nbs/index.ipynb (`make readme`): the landing page and the repository's front page are one text.
 
 - markdown cells go in verbatim, with links relative to `nbs/` made relative to the repository root;
-- a code cell's source goes in as a ```python block unless the cell is `#| hide`, `#| include: false` or `#| echo: false`;
+- a code cell's source goes in as a ```python block unless the cell is `#| hide`, `#| include: false` or
+  `#| echo: false`;
 - its outputs go in unless the cell is `#| hide`, `#| include: false` or `#| output: false`: markdown as it is (display
   maths as `$$` blocks, where the docs site shows the same output's SVG), images as PNG files under `nbs/images/`
   (named by the cell's `#| label:`, captioned by its `#| fig-cap:`), other text and printed output in a plain block
