@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
-from .runtime import process_state
+from .runtime import atomic_write_text, process_state, wait_for
 from .backbones import description_messages, vlm_batch
 
 # %% auto #0
 __all__ = ['SAMPLING_FIELDS', 'CAPTURES', 'MANIFEST', 'REBUILD', 'ENTRY', 'end_token_ids', 'vlm_generation_config',
-           'applied_generation', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256',
-           'atomic_write_text', 'write_shard', 'memmap_safetensors', 'verify_shard', 'FeatureCache', 'cache_complete',
-           'weights_digest', 'wait_for', 'extraction_params', 'extract_shard', 'extract_features']
+           'applied_generation', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'write_shard',
+           'memmap_safetensors', 'verify_shard', 'FeatureCache', 'cache_complete', 'weights_digest',
+           'extraction_params', 'extract_shard', 'extract_features']
 
 # %% ../nbs/02b_features.ipynb #7a951cb2
 def end_token_ids(model, tokenizer) -> list[int]:
@@ -121,11 +121,6 @@ def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
-
-# %% ../nbs/02b_features.ipynb #65aebcf9
-def atomic_write_text(path: Path, text: str):
-    "Write `text` to `path` through a temporary sibling and one rename, so a reader never sees half a file."
-    tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(text); os.replace(tmp, path)
 
 # %% ../nbs/02b_features.ipynb #ab87e3e0
 def write_shard(path: Path, samples: list[dict], rows: list[dict], dtype=torch.float16):
@@ -250,14 +245,6 @@ def _finished(root: Path) -> set[str]:
     "Shards finished so far: listed in the manifest or announced by an entry file."
     listed = json.loads((root / MANIFEST).read_text())["shards"] if (root / MANIFEST).exists() else []
     return {s["file"] for s in listed} | {p.name[:-len(ENTRY.format(""))] for p in root.glob(ENTRY.format("*"))}
-
-# %% ../nbs/02b_features.ipynb #783de3de
-def wait_for(ready, what: str, poll_seconds: float = 2.0, timeout_hours: float = 48.0):
-    "Poll `ready()` until true: processes wait on the file system, not in a collective with NCCL's 10-minute timeout."
-    deadline = time.time() + 3600 * timeout_hours
-    while not ready():
-        if time.time() > deadline: raise TimeoutError(f"gave up waiting for {what} after {timeout_hours} hours")
-        time.sleep(poll_seconds)
 
 # %% ../nbs/02b_features.ipynb #7af51691
 def extraction_params(model, processor, samples: int, shard_size: int, max_new_tokens: int, seed: int, vision_id: bool,

@@ -4,18 +4,18 @@
 
 # %% ../nbs/00c_parameters.ipynb #87ee6b54
 from __future__ import annotations
-import json, os, platform, time
+import json, platform, time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from .runtime import PROJECT_DIR, process_state, project_path
+from .runtime import PROJECT_DIR, atomic_write_text, process_state, project_path, wait_for
 
 # %% auto #0
 __all__ = ['PYTHON_TYPES', 'positive', 'non_negative', 'existing_path', 'image_side', 'SETTINGS', 'LEGS', 'METRICS', 'PACKAGES',
            'notebook_parameters', 'type_problem', 'check', 'between', 'one_of', 'parameter_problems',
-           'checked_parameters', 'write_json', 'changed_settings', 'run_files', 'earlier_settings', 'wait_for_file',
-           'claim_folder', 'versions', 'last_write', 'open_leg', 'RunRecord', 'open_run']
+           'checked_parameters', 'write_json', 'changed_settings', 'run_files', 'earlier_settings', 'claim_folder',
+           'versions', 'last_write', 'open_leg', 'RunRecord', 'open_run']
 
 # %% ../nbs/00c_parameters.ipynb #0f0460b0
 def notebook_parameters(notebook: str,             # a pipeline notebook's file name, e.g. "03_train.ipynb"
@@ -105,11 +105,7 @@ SETTINGS, LEGS, METRICS = "settings.json", "legs.json", "metrics.json"
 
 def write_json(path: Path, content) -> Path:
     "`content` as JSON in `path` through a temporary file in its folder and one rename: no reader sees half a file."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(content, indent=2))
 
 # %% ../nbs/00c_parameters.ipynb #11620a82
 def changed_settings(before: dict, now: dict) -> dict:
@@ -134,22 +130,14 @@ def earlier_settings(folder: Path, names) -> dict | None:
                          "they were made: remove it or choose another output folder")
     return None
 
-# %% ../nbs/00c_parameters.ipynb #ebe276ad
-def wait_for_file(path: Path, timeout_seconds: float = 600.0, poll_seconds: float = 0.5):
-    "Poll until `path` exists: a process waits for the main process's file, not at a collective that could time out."
-    deadline = time.time() + timeout_seconds
-    while not path.exists():
-        if time.time() > deadline:
-            raise TimeoutError(f"no {path} after {timeout_seconds} s: has the main process stopped?")
-        time.sleep(poll_seconds)
-
 # %% ../nbs/00c_parameters.ipynb #f4ea1c82
 def claim_folder(folder: Path, settings: dict,
                  main: bool = True,  # the main process checks and writes settings.json; the others wait, then check
                  ) -> dict:
     "Record the settings a run folder's results are made with; refuse a folder made otherwise, naming each setting."
     folder, settings = Path(folder), json.loads(json.dumps(settings))  # as JSON reads them back: a tuple is a list
-    if not main: wait_for_file(folder / SETTINGS)
+    if not main:  # the main process writes settings.json first
+        wait_for((folder / SETTINGS).exists, f"{folder / SETTINGS}", poll_seconds=0.5, timeout_hours=0.2)
     recorded = (folder / SETTINGS).exists()
     before = earlier_settings(folder, settings)
     now = settings if recorded else {k: settings[k] for k in before or {}}  # before settings.json: the recorded ones

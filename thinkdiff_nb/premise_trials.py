@@ -15,7 +15,7 @@ from .backbones import empty_pooled, load_decoder, load_t5, load_vlm_processor, 
 from .backbones import TEXT_LENGTH
 from .loop import Schedule, atomic_torch_save, fit
 from .pretrain import caption_table, t5_batch, t5_pairs
-from .features import atomic_write_text
+from .runtime import atomic_write_text
 from .train import (ALIGNER_SCHEDULE, AlignerTraining, ImageBatches, collate, encoder_states,
                                 image_loss_metrics, make_example, t5_space_agreement, train_aligner)
 from .methods import ALIGNER_METHODS, aligner_method

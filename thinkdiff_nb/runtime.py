@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_runtime.ipynb #2308ce50
 from __future__ import annotations
-import json, math, tempfile
+import json, math, os, tempfile, time
 from pathlib import Path
 import torch
 from safetensors import safe_open
@@ -12,7 +12,7 @@ from safetensors import safe_open
 # %% auto #0
 __all__ = ['DTYPES', 'PROJECT_DIR', 'DATA_DIR', 'MINI_DIR', 'SAFETENSORS_INDEX', 'resolve_device', 'resolve_dtype',
            'process_state', 'process_share', 'share_of', 'project_path', 'recorded_path', 'checkpoint_file',
-           'weight_files', 'read_tensor', 'built_once']
+           'weight_files', 'read_tensor', 'built_once', 'atomic_write_text', 'wait_for']
 
 # %% ../nbs/00_runtime.ipynb #93843613
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,3 +113,19 @@ def built_once(prefix: str, build) -> Path:
     with state.main_process_first():
         if state.is_main_process: build(Path(folder[0]))
     return Path(folder[0])
+
+# %% ../nbs/00_runtime.ipynb #0dd526a7
+def atomic_write_text(path: Path, text: str) -> Path:
+    "Write `text` to `path` through a temporary sibling (one per process) and one rename: no reader sees half a file."
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text); os.replace(tmp, path)
+    return path
+
+# %% ../nbs/00_runtime.ipynb #d2d76ba5
+def wait_for(ready, what: str, poll_seconds: float = 2.0, timeout_hours: float = 48.0):
+    "Poll `ready()` until true: processes wait on the file system, not in a collective with NCCL's 10-minute timeout."
+    deadline = time.time() + 3600 * timeout_hours
+    while not ready():
+        if time.time() > deadline: raise TimeoutError(f"gave up waiting for {what} after {timeout_hours} hours")
+        time.sleep(poll_seconds)
