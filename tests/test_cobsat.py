@@ -1,6 +1,7 @@
 ("CoBSAT: the inference path, the scoring rule, the released-image layout, the evaluation notebook, its determinism "
  "over processes.")
 import json, os, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -36,8 +37,9 @@ def tiny_td(aligners):
 
 def test_inference_path_end_to_end(tiny_td):
     prompts = task_prompts(TASKS[5], 4, 2)
-    responses = respond(tiny_td, prompts, n_tokens=6)
+    responses = respond(tiny_td, prompts, n_tokens=6, methods=METHODS)  # with the answers TBDN's rows ask for
     assert all(r["generated_features"].shape == (6, 32) for r in responses)  # EOS ignored: always n_tokens states
+    assert all(set(r["prompted_answers"]) == {"tbdn-hint", "tbdn-qcd", "tbdn"} for r in responses)
     lengths = {}
     for method in METHODS:
         embeds, pooled = conditioning(tiny_td, method, prompts, responses)
@@ -126,46 +128,69 @@ def _run_cobsat(tmp_path, trained, name, **params):
     return tmp_path / name
 
 
-def test_cobsat_notebook_tiny_and_deterministic(tmp_path, aligners):
-    first = _run_cobsat(tmp_path, aligners, "first")
-    second = _run_cobsat(tmp_path, aligners, "second")
-    for name in ("table_2shot_all_both.csv", "table_2shot_heldout_both.csv", "table_2shot_all_subject.csv"):
-        assert (first / name).read_text() == (second / name).read_text()
-    table = pd.read_csv(first / "table_2shot_all_both.csv", index_col=0)
-    assert list(table.index) == ["vlm-text", *METHODS] and table.shape[1] == 11
-    assert (first / "accuracy_by_task.png").exists() and (first / "figure5_2shot.png").exists()
-    beside = pd.read_csv(first / "table_2shot_with_published.csv", index_col=0)  # ours, then the published means
-    assert list(beside.index[-4:]) == [f"{m} (published)" for m in ("thinkdiff", "no-masking", "input-tokens",
-                                                                    "text-bridge")]
-    assert beside.loc["thinkdiff (published)", "mean"] == pytest.approx(0.417)
-    assert json.loads((first / "metrics.json").read_text())["params"]["n_prompts"] == 2
-    import papermill as pm
-    with pytest.raises(pm.PapermillExecutionError, match=r"other settings \(then -> now\): seed 0 -> 7; remove it"):
-        _run_cobsat(tmp_path, aligners, "first", seed=7)  # its records/ hold the blocks drawn with seed 0
-
-
 def test_cobsat_notebook_rejects_bad_parameters(tmp_path, aligners):
+    "Each bad input in a run of its own, the runs at once (each spends its time starting a kernel and importing)."
     import papermill as pm
-    with pytest.raises(pm.PapermillExecutionError, match="parameter shots"):
-        _run_cobsat(tmp_path, aligners, "bad", shots=[3])
-    with pytest.raises(pm.PapermillExecutionError, match="parameter judge='gpt' is not one of"):
-        _run_cobsat(tmp_path, aligners, "judge", judge="gpt")
-    with pytest.raises(pm.PapermillExecutionError, match="no datasets/ folder"):
-        _run_cobsat(tmp_path, aligners, "cobsat", cobsat_dir=str(tmp_path))
-    with pytest.raises(pm.PapermillExecutionError, match="no trained aligner"):
-        _run_cobsat(tmp_path, aligners, "missing", aligners={**{n: str(aligners / n) for n in ALIGNER_METHODS},
-                                                             "no-masking": str(tmp_path / "nowhere")})
+    runs = {"shots": ("parameter shots", dict(shots=[3])),
+            "judge": ("parameter judge='gpt' is not one of", dict(judge="gpt")),
+            "cobsat": ("no datasets/ folder", dict(cobsat_dir=str(tmp_path))),
+            "missing": ("no trained aligner", dict(aligners={**{n: str(aligners / n) for n in ALIGNER_METHODS},
+                                                             "no-masking": str(tmp_path / "nowhere")}))}
+    def refused(name, match, params):
+        with pytest.raises(pm.PapermillExecutionError, match=match): _run_cobsat(tmp_path, aligners, name, **params)
+    def generate_refused():
+        with pytest.raises(pm.PapermillExecutionError,
+                           match=r"need aligners \['no-masking'\]: give them in parameter aligners"):
+            pm.execute_notebook(str(NBS / "06_generate.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NBS),
+                                progress_bar=False, parameters=dict(profile="tiny-random", methods=["no-masking"],
+                                                                    output_dir=str(tmp_path / "gen")),
+                                kernel_name="python3")
+    with ThreadPoolExecutor(3) as pool:
+        done = [pool.submit(refused, name, match, params) for name, (match, params) in runs.items()]
+        done.append(pool.submit(generate_refused))
+    for future in done: future.result()
 
 
-def test_generate_notebook_names_the_aligner_it_lacks(tmp_path):
+@pytest.mark.slow  # two accelerate processes
+def test_cobsat_notebook_deterministic_over_runs_and_processes(tmp_path, aligners):
+    ("Two runs, one of one process and one of two under accelerate launch, write the same records and tables; only "
+     "the main process writes, and a rerun with another seed is refused.")
     import papermill as pm
-    with pytest.raises(pm.PapermillExecutionError,
-                       match=r"need aligners \['no-masking'\]: give them in parameter aligners"):
-        pm.execute_notebook(str(NBS / "06_generate.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(NBS),
-                            progress_bar=False,
-                            parameters=dict(profile="tiny-random", methods=["no-masking"],
-                                            output_dir=str(tmp_path / "gen")),
-                            kernel_name="python3")
+    root = Path(__file__).parents[1]
+    aligner_folders = ", ".join(f"{n}: {aligners / n}" for n in ALIGNER_METHODS)
+    params = ["-p", "profile", "tiny-random", "-p", "n_prompts", "2", "-p", "batch_size", "1", "-p", "n_tokens", "4",
+              "-p", "sample_steps", "2", "-y", f"shots: [2]\nmethods: [{', '.join(METHODS)}]",
+              "-y", f"aligners: {{{aligner_folders}}}"]
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    bin_dir = Path(sys.executable).parent
+    for command in ([str(bin_dir / "papermill"), "nbs/05_cobsat.ipynb", str(tmp_path / "one.ipynb"), *params,
+                     "-p", "output_dir", str(tmp_path / "one")],
+                    [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                     "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+                     "tools/papermill_ranks.py",
+                     "nbs/05_cobsat.ipynb", str(tmp_path / "two" / "05_cobsat.ipynb"), *params, "-p", "output_dir",
+                     str(tmp_path / "two")]):
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for unit in [f"shot2_task{t:02d}.csv" for t in range(1, 11)]:
+        assert (one / "records" / unit).read_text() == (two / "records" / unit).read_text()
+    for name in ("table_2shot_all_both.csv", "table_2shot_heldout_both.csv", "table_2shot_all_subject.csv"):
+        assert (one / name).read_text() == (two / name).read_text()
+    assert json.loads((two / "metrics.json").read_text())["run"]["processes"] == 2
+    table = pd.read_csv(one / "table_2shot_all_both.csv", index_col=0)
+    assert list(table.index) == ["vlm-text", *METHODS] and table.shape[1] == 11
+    assert (one / "accuracy_by_task.png").exists() and (one / "figure5_2shot.png").exists()
+    beside = pd.read_csv(one / "table_2shot_with_published.csv", index_col=0)  # ours, then the published means
+    assert list(beside.index[-7:]) == [f"{m} (published)" for m in ("thinkdiff", "no-masking", "input-tokens",
+                                                                    "text-bridge", "tbdn-hint", "tbdn-qcd", "tbdn")]
+    assert beside.loc["thinkdiff (published)", "mean"] == pytest.approx(0.417)
+    assert beside.loc["tbdn (published)", "mean"] == pytest.approx(0.693)
+    metrics = json.loads((one / "metrics.json").read_text())
+    assert metrics["params"]["n_prompts"] == 2 and metrics["run"]["vlm_sampling"]["tbdn"]["contrast"] == 0.5
+    with pytest.raises(pm.PapermillExecutionError, match=r"other settings \(then -> now\): seed 0 -> 7; remove it"):
+        _run_cobsat(tmp_path, aligners, "one", seed=7, batch_size=1)  # its records/ hold blocks drawn with seed 0
 
 
 @pytest.mark.slow  # FluxPipeline and LLaVA on tiny-paper
@@ -209,30 +234,3 @@ def test_cobsat_notebook_on_tiny_paper_with_released_images_and_the_llava_judge(
         pm.execute_notebook(str(NBS / "05_cobsat.ipynb"), str(tmp_path / "missing.ipynb"),
                             parameters={**params, "output_dir": str(tmp_path / "missing")}, progress_bar=False,
                             kernel_name="python3")
-
-
-@pytest.mark.slow  # two accelerate processes
-def test_cobsat_notebook_over_two_processes_matches_one(tmp_path, aligners):
-    ("Under accelerate launch the processes share the blocks; the records equal one process's, and only the main one "
-     "writes.")
-    root = Path(__file__).parents[1]
-    params = ["-p", "profile", "tiny-random", "-p", "n_prompts", "3", "-p", "batch_size", "2", "-p", "n_tokens", "4",
-              "-p", "sample_steps", "2", "-y", "shots: [2]\nmethods: [thinkdiff, oracle]",
-              "-y", f"aligners: {{thinkdiff: {aligners / 'thinkdiff'}}}"]
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    bin_dir = Path(sys.executable).parent
-    for command in ([str(bin_dir / "papermill"), "nbs/05_cobsat.ipynb", str(tmp_path / "one.ipynb"), *params,
-                     "-p", "output_dir", str(tmp_path / "one")],
-                    [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                     "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-                     "tools/papermill_ranks.py",
-                     "nbs/05_cobsat.ipynb", str(tmp_path / "two" / "05_cobsat.ipynb"), *params, "-p", "output_dir",
-                     str(tmp_path / "two")]):
-        done = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-    for unit in [f"shot2_task{t:02d}.csv" for t in range(1, 11)]:
-        assert (tmp_path / "one" / "records" / unit).read_text() == (tmp_path / "two" / "records" / unit).read_text()
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["run"]["processes"] == 2
-    assert ((tmp_path / "one" / "table_2shot_all_both.csv").read_text()
-            == (tmp_path / "two" / "table_2shot_all_both.csv").read_text())

@@ -54,35 +54,30 @@ def test_mini_scores_every_kind_under_every_conditioning(tmp_path):
     for f in ("composition_table.md", "composition_scores.png", "composition_grid.png"):
         assert (run / f).stat().st_size > 0, f
     assert _figures(tmp_path / "run.ipynb") == 2  # the scores and the grid, inline
-
-
-def test_a_rerun_reuses_the_written_blocks(tmp_path):
-    run = _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2)
+    # a rerun resumes: a block lost (as if the run had stopped there) is drawn again, the same
     first = (run / "records.csv").read_text()
-    block = run / "blocks" / "two-images.block0002.csv"
-    block.unlink()  # as if the run had stopped there
-    _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2)
+    (run / "blocks" / "two-images.block0005.csv").unlink()
+    _compose(tmp_path)
     assert (run / "records.csv").read_text() == first
     with pytest.raises(pm.PapermillExecutionError, match=r"other settings \(then -> now\): sample_steps 0 -> 3"):
-        _compose(tmp_path, kinds=["two-images"], n_probes=4, batch_size=2, sample_steps=3)  # not mixed into blocks of 0
+        _compose(tmp_path, sample_steps=3)  # not mixed into blocks drawn with the decoder's own steps
 
 
-def test_bad_parameters_are_named(tmp_path):
-    with pytest.raises(pm.PapermillExecutionError,
-                       match=r"parameter kinds=\['three-images'\] has \['three-images'\], not among "
-                                                          r".*parameter judge='gemini' is not one of"):
-        _compose(tmp_path, kinds=["three-images"], judge="gemini")
-    with pytest.raises(pm.PapermillExecutionError, match="parameter n_probes must be positive, got 0"):
-        _compose(tmp_path, n_probes=0)
-
-
-def test_an_aligner_of_other_widths_or_none_is_named(tmp_path):
+def test_bad_inputs_are_named(tmp_path):
+    "Each bad input in a run of its own, the runs at once (each spends its time starting a kernel and importing)."
+    from concurrent.futures import ThreadPoolExecutor
     tiny = get_profile("tiny-paper")  # its CLIP aligner reads 48-wide BLIP-2 tokens, the mini encoder writes 64
-    with pytest.raises(pm.PapermillExecutionError,
-                       match="reads 48-wide tokens but the vision encoder writes 64-wide ones"):
-        _compose(tmp_path, clip_aligner=tiny.clip_aligner)
-    with pytest.raises(pm.PapermillExecutionError, match="no aligner at"):
-        _compose(tmp_path, clip_aligner=str(tmp_path / "absent"))
+    runs = {"kinds": (r"parameter kinds=\['three-images'\] has \['three-images'\], not among "
+                      r".*parameter judge='gemini' is not one of", dict(kinds=["three-images"], judge="gemini")),
+            "probes": ("parameter n_probes must be positive, got 0", dict(n_probes=0)),
+            "widths": ("reads 48-wide tokens but the vision encoder writes 64-wide ones",
+                       dict(clip_aligner=tiny.clip_aligner)),
+            "missing": ("no aligner at", dict(clip_aligner=str(tmp_path / "absent")))}
+    def refused(name, match, params):
+        with pytest.raises(pm.PapermillExecutionError, match=match): _compose(tmp_path, name, **params)
+    with ThreadPoolExecutor(3) as pool:
+        done = [pool.submit(refused, name, match, params) for name, (match, params) in runs.items()]
+    for future in done: future.result()
 
 
 def test_two_processes_share_the_blocks_and_agree_with_one(tmp_path):

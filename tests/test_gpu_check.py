@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-STEPS = ["environment", "load_inference", "vlm_generation", "row_semantics", "flux_image", "extract_answers",
+STEPS = ["environment", "load_inference", "vlm_generation", "row_semantics", "flux_image", "tbdn_answers",
+         "extract_answers",
          "released_aligner", "judges", "cobsat_block", "t5_decoder", "training_steps", "premise", "flux_offload",
          "video"]
 
@@ -36,3 +37,4 @@ def test_gpu_check_runs_every_step_on_tiny_paper(tmp_path):
     assert set(steps["judges"]) >= {"llava", "clip"} and steps["cobsat_block"]["full_run_gpu_hours_at_this_rate"] > 0
     assert (steps["video"]["frames"], steps["video"]["height"]) == (9, 32) and (tmp_path / "video.mp4").exists()
     assert (tmp_path / "flux.png").exists()
+    assert steps["tbdn_answers"]["time_ratio"] > 0 and steps["tbdn_answers"]["query_contrast"]["seconds"] > 0

@@ -20,14 +20,14 @@ from .runtime import MINI_DIR, built_once, read_tensor, weight_files
 
 # %% auto #0
 __all__ = ['T5_SPECIALS', 'N_SENTINELS', 'PATCH', 'TEXT_LENGTH', 'QWEN_SPECIALS', 'SYSTEM_PROMPT', 'CHAT_TEMPLATE',
-           'DESCRIBE_INSTRUCTIONS', 'OFFICIAL_DESCRIBE_INSTRUCTIONS', 'ICL_INSTRUCTION', 'KINDS', 'PROFILES',
-           'BUILT_PROFILES', 'T5_EMBEDDING_NAMES', 'words_of', 'world_texts', 'build_word_tokenizer', 'sentinels',
-           't5_tokenizer', 'load_t5_tokenizer', 'mini_t5_config', 'mini_decoder_config', 'to_pixels', 'to_uint8',
-           'encode_text', 'empty_pooled', 'Judge', 'judge_pairs', 'vlm_words', 'vlm_tokenizer',
-           'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor', 'mini_vlm_config', 'description_messages', 'icl_messages',
-           'centre_crop', 'prepare_image', 'vlm_batch', 'vlm_answers', 'Profile', 'get_profile', 'as_profile',
-           'tiny_random_profile', 'require_weights', 'load_decoder', 'load_judge', 'NoEncoder', 't5_decoder_only',
-           'load_t5', 'load_vlm_processor', 'vlm_width', 'load_vlm']
+           'DESCRIBE_INSTRUCTIONS', 'OFFICIAL_DESCRIBE_INSTRUCTIONS', 'ICL_INSTRUCTION', 'HINT_NOTE',
+           'HINT_INSTRUCTION', 'KINDS', 'PROFILES', 'BUILT_PROFILES', 'T5_EMBEDDING_NAMES', 'words_of', 'world_texts',
+           'build_word_tokenizer', 'sentinels', 't5_tokenizer', 'load_t5_tokenizer', 'mini_t5_config',
+           'mini_decoder_config', 'to_pixels', 'to_uint8', 'encode_text', 'empty_pooled', 'Judge', 'judge_pairs',
+           'vlm_words', 'vlm_tokenizer', 'ImageOnlyQwen2VLProcessor', 'mini_vlm_processor', 'mini_vlm_config',
+           'description_messages', 'icl_messages', 'centre_crop', 'prepare_image', 'vlm_batch', 'vlm_answers',
+           'Profile', 'get_profile', 'as_profile', 'tiny_random_profile', 'require_weights', 'load_decoder',
+           'load_judge', 'NoEncoder', 't5_decoder_only', 'load_t5', 'load_vlm_processor', 'vlm_width', 'load_vlm']
 
 # %% ../nbs/01_backbones.ipynb #43da6376
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
@@ -251,14 +251,21 @@ def description_messages(instruction: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
 
 # %% ../nbs/01_backbones.ipynb #1ea0773f
-def icl_messages(texts: list[str], instruction: str = ICL_INSTRUCTION) -> list[dict]:
+def icl_messages(texts: list[str], instruction: str = ICL_INSTRUCTION,
+                 query: bool = True,  # False: without the last word, the query (TBDN's query-free prompt)
+                 ) -> list[dict]:
     "Chat messages of an interleaved prompt from CoBSAT's text pieces (\"x: \"), one picture after each but the last."
     content = [{"type": "text", "text": instruction}]
-    for k, text in enumerate(texts):
+    for k, text in enumerate(texts if query else texts[:-1]):
         word = f"{chr(10) * 2 if k else ''}Word {k + 1}: {text[:-2]}, "  # CoBSAT's "x: " minus its last 2 characters
         content.append({"type": "text", "text": word})
         if k < len(texts) - 1: content.append({"type": "image"})
     return [{"role": "user", "content": content}]
+
+# %% ../nbs/01_backbones.ipynb #f6d92aef
+HINT_NOTE = ("Note: Focus mainly on understanding and following the meaning of the final text when creating your "
+             "description.")
+HINT_INSTRUCTION = ICL_INSTRUCTION.removesuffix("\n\n") + " " + HINT_NOTE + "\n\n"  # where TBDN's code puts it
 
 # %% ../nbs/01_backbones.ipynb #8f794a0e
 def centre_crop(image: Image.Image, width: int, height: int) -> Image.Image:

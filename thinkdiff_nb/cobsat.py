@@ -108,7 +108,7 @@ def evaluate_block(td: ThinkDiff, judges: dict[str, CobsatJudge], task, shot: in
     size = size or td.profile.cobsat_size
     base = block_seed(seed, task.id, shot, start)  # a block's seeds depend on its place alone, not on who computes it
     responses = respond(td, prompts, n_tokens, seed=base, demonstrations=demonstrations,
-                        features=bool(aligners_needed(methods)))
+                        features=bool(aligners_needed(methods)), methods=methods)
     text = [parse_pair(r["answer"], task.theme) for r in responses]
     answers = pd.DataFrame(text, columns=["subject_answer", "attribute_answer"])
     text_rows = pd.concat([score(text, prompts), answers], axis=1).assign(method=VLM_TEXT)  # the VLM's answer, judged
@@ -144,6 +144,7 @@ def keep_block(out_dir: Path, unit: str, start: int, examples: dict):
             tmp = path.with_name(f".{path.name}.tmp")
             Image.fromarray(image).save(tmp, format="PNG"); os.replace(tmp, path)
     answers = [{"prompt": start + j, "answer": r["answer"], "answer_ids": r["answer_ids"].tolist(),
+                "prompted_answers": r["prompted_answers"],  # each TBDN row's own answer
                 **({"text": r["text"], "generated_ids": r["generated_ids"].tolist()} if "text" in r else {})}
                for j, r in enumerate(examples["responses"])]  # text, generated_ids: the n_tokens the aligners read
     path = Path(out_dir) / "answers" / f"{unit}.block{start:04d}.jsonl"; path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +265,9 @@ PUBLISHED = {
 }
 PUBLISHED_MEANS = {("thinkdiff", 2): 0.417, ("thinkdiff", 4): 0.463, ("no-masking", 2): 0.287,
                    ("input-tokens", 2): 0.016,
-                   ("text-bridge", 2): 0.537, ("text-bridge", 4): 0.614}
+                   ("text-bridge", 2): 0.537, ("text-bridge", 4): 0.614,  # TBDN's Qwen2-VL base
+                   ("tbdn-hint", 2): 0.601, ("tbdn-qcd", 2): 0.638, ("tbdn-qcd", 4): 0.745,  # TBDN's ablation
+                   ("tbdn", 2): 0.693, ("tbdn", 4): 0.767}  # TBDN with Qwen2-VL-7B
 
 def published_table(shot: int) -> pd.DataFrame:
     "The published numbers for one shot in the layout of `accuracy_table` (tasks in CoBSAT's order, then the mean)."

@@ -130,7 +130,7 @@ def _update(self: Explorer) -> float:
     task = next(t for t in TASKS if t.name == v["task"])
     self.prompt = task_prompts(task, v["shot"], v["prompt"] + 1)[-1]
     with torch_threads(self.threads):
-        self.response = respond(self.td, [self.prompt], self.n_tokens, seed=v["seed"])[0]
+        self.response = respond(self.td, [self.prompt], self.n_tokens, seed=v["seed"], methods=self.methods)[0]
         conds = {m: conditioning(self.td, m, [self.prompt], [self.response]) for m in self.methods}
         self.images = {m: self.td.decoder.draw(*c, steps=v["steps"], seed=v["seed"])[0] for m, c in conds.items()}
         self.read_backs = {m: read_back(self.t5, self.t5_tokenizer, conds[m][0], self.n_tokens)[0]

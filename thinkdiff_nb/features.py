@@ -11,15 +11,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from .runtime import atomic_write_text, process_state, wait_for
 from .backbones import description_messages, vlm_batch
 
 # %% auto #0
 __all__ = ['SAMPLING_FIELDS', 'CAPTURES', 'MANIFEST', 'REBUILD', 'ENTRY', 'end_token_ids', 'vlm_generation_config',
-           'applied_generation', 'answer_lengths', 'final_norm', 'generate_with_features', 'sha256', 'write_shard',
-           'memmap_safetensors', 'verify_shard', 'FeatureCache', 'cache_complete', 'weights_digest',
-           'extraction_params', 'extract_shard', 'extract_features']
+           'applied_generation', 'answer_lengths', 'final_norm', 'QueryContrast', 'answer_samples',
+           'generate_with_features', 'sha256', 'write_shard', 'memmap_safetensors', 'verify_shard', 'FeatureCache',
+           'cache_complete', 'weights_digest', 'extraction_params', 'extract_shard', 'extract_features']
 
 # %% ../nbs/02b_features.ipynb #7a951cb2
 def end_token_ids(model, tokenizer) -> list[int]:
@@ -73,6 +73,53 @@ def final_norm(model) -> torch.nn.Module:
     "The text model's final RMSNorm, whose output feeds `lm_head`."
     return model.model.language_model.norm
 
+# %% ../nbs/02b_features.ipynb #e0e4f0eb
+class QueryContrast(LogitsProcessor):
+    "TBDN's query-contrastive decoding: each step's logits become `(1 + a) * full - a * query-free`."
+    def __init__(self, model, query_free: dict,  # the prompts without their query, left padded (`vlm_batch`)
+                 prompt_length: int,  # the full prompts' padded length: ids after it are the answer so far
+                 alpha: float = 0.5):
+        self.model, self.alpha, self.prompt_length = model, alpha, prompt_length
+        self.prompt = query_free["input_ids"]  # (B, L_free)
+        self.kwargs = {k: v for k, v in query_free.items() if k != "input_ids"} | {"use_cache": True}
+        self.first, self.running = True, False  # running: the query-free pass is on (feature hooks skip it)
+
+    @torch.no_grad()
+    def query_free_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        "(B, V) next-token logits of the query-free prompts followed by the answer so far, from their own cache."
+        ids = torch.cat([self.prompt, input_ids[:, self.prompt_length:].to(self.prompt.device)], 1)
+        if self.first: self.kwargs["position_ids"] = self.model._prepare_position_ids_for_generation(ids, self.kwargs)
+        inputs = self.model.prepare_inputs_for_generation(ids, next_sequence_length=None if self.first else 1,
+                                                          is_first_iteration=self.first, **self.kwargs)
+        self.running = True
+        try: out = self.model(**inputs, return_dict=True)
+        finally: self.running = False
+        self.kwargs = self.model._update_model_kwargs_for_generation(out, self.kwargs)
+        self.first = False
+        return out.logits[:, -1].float()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return (1 + self.alpha) * scores - self.alpha * self.query_free_logits(input_ids).to(scores.device)
+
+# %% ../nbs/02b_features.ipynb #6f85cda3
+def answer_samples(tokenizer, new_tokens: torch.Tensor,  # (B, N) the generated ids
+                   lengths: list[int],  # each answer's tokens up to its end token (`answer_lengths`)
+                   attention_mask: torch.Tensor,  # (B, P) the prompts' mask: 0 on left padding
+                   states: list | None = None,  # captured final-norm states: (B, P, d), then (B, 1, d) per step
+                   ) -> list[dict]:
+    "Per sample: its answer's ids and text and, given the states, its prompt states (P, d) and answer states (N, d)."
+    if states: generated = torch.cat([states[0][:, -1:]] + states[1:], 1)  # (B, N, d): row k predicts token k
+    samples = []
+    for b, n in enumerate(lengths):
+        ids = new_tokens[b, :n]
+        sample = {"generated_ids": ids.cpu(), "text": tokenizer.decode(ids, skip_special_tokens=True)}
+        if states:
+            kept = attention_mask[b].bool()  # drop the left padding
+            sample |= {"prompt_features": states[0][b, kept].float().cpu(),
+                       "generated_features": generated[b, :n].float().cpu()}
+        samples.append(sample)
+    return samples
+
 # %% ../nbs/02b_features.ipynb #a7b1e74a
 @torch.no_grad()
 def generate_with_features(model, processor, conversations, images, max_new_tokens: int = 24, sample: bool = True,
@@ -81,6 +128,8 @@ def generate_with_features(model, processor, conversations, images, max_new_toke
                            ignore_eos: bool = False,  # always max_new_tokens, end tokens masked (official inference)
                            image_size=32, capture: str | None = "hook",
                            vision_id: bool = True,    # "Picture k: " before each image (see `vlm_batch`)
+                           contrast: float = 0.0,     # TBDN's query-contrastive a; 0: plain sampling
+                           query_free=None,           # with contrast: the conversations without their query
                            ) -> list[dict]:
     "Answers with their final-norm states: per sample prompt states (P, d), generated states (N, d), ids and text."
     if capture not in CAPTURES: raise ValueError(f"unknown capture {capture!r}; choose one of {CAPTURES}")
@@ -91,26 +140,21 @@ def generate_with_features(model, processor, conversations, images, max_new_toke
                                    min_new_tokens, ignore_eos)
     applied_generation(model, config)  # an error if the model's own generation_config would add to it
     config.output_hidden_states, config.return_dict_in_generate = capture == "hidden_states", True
-    states = []  # (B, P, d) from the prefill, then (B, 1, d) per step
-    hook = (final_norm(model).register_forward_hook(lambda module, args, output: states.append(output))
-            if capture == "hook" else None)
-    try: out = model.generate(**batch, generation_config=config)
+    qcd = (QueryContrast(model, vlm_batch(processor, query_free, images, max_images=model.config.max_images,
+                                          image_size=image_size, vision_id=vision_id).to(model.device),
+                         batch["input_ids"].shape[1], contrast) if contrast else None)
+    states = []  # (B, P, d) from the prefill, then (B, 1, d) per step; the query-free pass is not the answer's
+    def record(module, args, output):
+        if not (qcd and qcd.running): states.append(output)
+    hook = final_norm(model).register_forward_hook(record) if capture == "hook" else None
+    processors = LogitsProcessorList([qcd] if qcd else [])  # run before temperature and top-p, as in TBDN's loop
+    try: out = model.generate(**batch, generation_config=config, logits_processor=processors)
     finally:
         if hook: hook.remove()
     if capture == "hidden_states": states = [h[-1] for h in out.hidden_states]  # the last layer entry is the final norm
     new_tokens = out.sequences[:, batch["input_ids"].shape[1]:]
     lengths = answer_lengths(new_tokens, ends)  # with ignore_eos every answer is max_new_tokens long: ends are masked
-    if capture: generated_states = torch.cat([states[0][:, -1:]] + states[1:], 1)  # (B, N, d): row k predicts token k
-    samples = []
-    for b, n in enumerate(lengths):
-        ids = new_tokens[b, :n]
-        sample_out = {"generated_ids": ids.cpu(), "text": processor.tokenizer.decode(ids, skip_special_tokens=True)}
-        if capture:
-            keep = batch["attention_mask"][b].bool()  # drop the left padding
-            sample_out |= {"prompt_features": states[0][b, keep].float().cpu(),
-                           "generated_features": generated_states[b, :n].float().cpu()}
-        samples.append(sample_out)
-    return samples
+    return answer_samples(processor.tokenizer, new_tokens, lengths, batch["attention_mask"], states if capture else None)
 
 # %% ../nbs/02b_features.ipynb #c5f0a215
 MANIFEST = "manifest.json"

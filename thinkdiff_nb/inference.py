@@ -11,16 +11,16 @@ from .world import InContextPrompt, display_word
 from pathlib import Path
 from transformers.modeling_outputs import BaseModelOutput
 from .runtime import project_path
-from .backbones import as_profile, icl_messages, load_vlm, Profile
+from .backbones import HINT_INSTRUCTION, ICL_INSTRUCTION, as_profile, icl_messages, load_vlm, Profile
 from .image_decoders import ImageDecoder, load_image_decoder
 from .aligner import apply_readout, load_aligner, load_readout
-from .methods import ALIGNER_METHODS, METHODS, aligners_needed
+from .methods import ALIGNER_METHODS, METHODS, PROMPTED, Prompting, aligners_needed
 from .features import applied_generation, end_token_ids, generate_with_features, vlm_generation_config
 from .world import oracle_prompt
 
 # %% auto #0
-__all__ = ['Tokens', 'ThinkDiff', 'aligner_folders', 'rendered_demonstrations', 'respond', 'answer_settings', 'conditioning',
-           'draw', 'read_back']
+__all__ = ['Tokens', 'ThinkDiff', 'aligner_folders', 'rendered_demonstrations', 'asked', 'respond', 'answer_settings',
+           'conditioning', 'draw', 'read_back']
 
 # %% ../nbs/02d_inference.ipynb #7fd9a9f9
 @dataclass
@@ -71,31 +71,48 @@ def rendered_demonstrations(prompt: InContextPrompt, image_seed: int = 10 ** 6) 
     return prompt.images(seed=image_seed + prompt.index)
 
 # %% ../nbs/02d_inference.ipynb #cd91a526
+def asked(prompts: list[InContextPrompt], prompting: Prompting | None = None) -> dict:
+    "How `generate_with_features` asks for an answer: ThinkDiff's instruction and sampling, or a TBDN row's `prompting`."
+    if prompting is None: return {"conversations": [icl_messages(p.texts) for p in prompts]}
+    instruction = HINT_INSTRUCTION if prompting.hint else ICL_INSTRUCTION
+    query_free = [icl_messages(p.texts, instruction, query=False) for p in prompts] if prompting.contrast else None
+    return {"conversations": [icl_messages(p.texts, instruction) for p in prompts], "query_free": query_free,
+            "contrast": prompting.contrast, "temperature": prompting.temperature}
+
+# %% ../nbs/02d_inference.ipynb #f43b23e3
 def respond(td: ThinkDiff, prompts: list[InContextPrompt], n_tokens: int = 24, seed: int = 0, batch_size: int = 64,
             demonstrations=rendered_demonstrations,  # prompt -> its demonstration images (e.g. CoBSAT's released ones)
             features: bool = True,  # also the states of exactly n_tokens, end tokens masked (the aligners' input)
+            methods=(),  # the methods to draw: a TBDN row's own answer is asked for too (`prompted_answers`)
             ) -> list[dict]:
-    ("Per prompt: the answer text up to its end token and, with `features`, the prompt states and `n_tokens` generated "
-     "states.")
+    ("Per prompt: the answer text up to its end token, each TBDN row's answer and, with `features`, the prompt states "
+     "and `n_tokens` generated states.")
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        conversations, images = [icl_messages(p.texts) for p in chunk], [demonstrations(p) for p in chunk]
-        def generate(**how):  # the same sampling noise for both generations
+        images = [demonstrations(p) for p in chunk]
+        def generate(prompting=None, **how):  # every generation of a chunk starts from the same sampling noise
             torch.manual_seed(seed + i)
-            return generate_with_features(td.vlm, td.processor, conversations, images, n_tokens,
-                                          image_size=td.profile.vlm_image_size, **how)
+            return generate_with_features(td.vlm, td.processor, images=images, max_new_tokens=n_tokens,
+                                          image_size=td.profile.vlm_image_size, **asked(chunk, prompting), **how)
         answers = generate(min_new_tokens=0, capture=None)  # may stop at once, as vLLM's min_tokens 0
         states = generate(ignore_eos=True) if features else [{}] * len(chunk)
-        out += [s | {"answer": a["text"], "answer_ids": a["generated_ids"]} for a, s in zip(answers, states)]
+        prompted = {m: generate(PROMPTED[m], min_new_tokens=0, capture=None) for m in methods if m in PROMPTED}
+        out += [s | {"answer": a["text"], "answer_ids": a["generated_ids"],
+                     "prompted_answers": {m: p[row]["text"] for m, p in prompted.items()}}
+                for row, (a, s) in enumerate(zip(answers, states))]
     return out
 
 # %% ../nbs/02d_inference.ipynb #1d335888
 def answer_settings(td: ThinkDiff, n_tokens: int = 24) -> dict:
-    "The sampling `respond` applies, as `generate` applies it: for the answer text and for the aligners' n_tokens."
+    ("The sampling `respond` applies, as `generate` applies it: for the answer text, the aligners' n_tokens and each "
+     "TBDN row.")
     ends, pad = end_token_ids(td.vlm, td.processor.tokenizer), td.processor.tokenizer.pad_token_id
     return {"answer": applied_generation(td.vlm, vlm_generation_config(ends, pad, n_tokens, min_new_tokens=0)),
-            "features": applied_generation(td.vlm, vlm_generation_config(ends, pad, n_tokens, ignore_eos=True))}
+            "features": applied_generation(td.vlm, vlm_generation_config(ends, pad, n_tokens, ignore_eos=True)),
+            **{m: applied_generation(td.vlm, vlm_generation_config(ends, pad, n_tokens, min_new_tokens=0,
+                                                                   temperature=p.temperature))
+                  | {"hint": p.hint, "contrast": p.contrast} for m, p in PROMPTED.items()}}
 
 # %% ../nbs/02d_inference.ipynb #e0095677
 Tokens = torch.Tensor | list  # (B, L, d), or B tensors (L_i, d) when the rows differ in length
@@ -131,6 +148,10 @@ def conditioning(td: ThinkDiff, method: str, prompts: list[InContextPrompt],
         return (_per_row(_aligned(td, "thinkdiff", responses), lambda t: apply_readout(t, readout)),
                 td.decoder.empty_pooled(len(responses)))
     if method == "text-bridge": return text([r["answer"] for r in responses])
+    if method in PROMPTED:
+        if any(method not in r.get("prompted_answers", {}) for r in responses):
+            raise KeyError(f"no {method} answer: ask for it with respond(..., methods=[{method!r}])")
+        return text([r["prompted_answers"][method] for r in responses])
     if method == "hybrid":
         embeds, pooled = text([r["answer"] for r in responses])
         aligned = _aligned(td, "thinkdiff", responses)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['THINKDIFF', 'ALIGNER_METHODS', 'THINKDIFF_READOUT', 'TEXT_BRIDGE', 'HYBRID', 'QUERY_ONLY', 'THINKDIFF_CLIP',
-           'IMAGE_CAPTIONS', 'TEXT_ONLY', 'ORACLE', 'COBSAT', 'COMPOSITION', 'IMAGE_METHODS', 'METHODS',
-           'CONDITIONINGS', 'READS_THINKDIFF', 'VLM_TEXT', 'SCORED_TEXT', 'COBSAT_ROWS', 'AlignerMethod', 'Method',
-           'aligner_method', 'check_methods', 'aligners_needed']
+           'IMAGE_CAPTIONS', 'TEXT_ONLY', 'ORACLE', 'COBSAT', 'COMPOSITION', 'TBDN_HINT', 'TBDN_QCD', 'TBDN',
+           'PROMPTED', 'IMAGE_METHODS', 'METHODS', 'CONDITIONINGS', 'READS_THINKDIFF', 'VLM_TEXT', 'SCORED_TEXT',
+           'COBSAT_ROWS', 'AlignerMethod', 'Prompting', 'Method', 'aligner_method', 'check_methods', 'aligners_needed']
 
 # %% ../nbs/00b_methods.ipynb #016fcec3
 @dataclass(frozen=True)
@@ -35,6 +35,18 @@ THINKDIFF_CLIP, IMAGE_CAPTIONS, TEXT_ONLY = "thinkdiff-clip", "image-captions", 
 ORACLE = "oracle"  # CoBSAT's and the compositions' alike: the target's own caption
 COBSAT, COMPOSITION = "cobsat", "composition"  # where a method is scored: 02e_cobsat's prompts, 02i's probes
 
+# %% ../nbs/00b_methods.ipynb #d2665f29
+@dataclass(frozen=True)
+class Prompting:
+    "How a TBDN row asks the VLM for the text it encodes: the hint, the query contrast, the sampling temperature."
+    hint: bool                # TBDN's hint note closes the instruction (`backbones.HINT_INSTRUCTION`)
+    contrast: float           # query-contrastive decoding's a (TBDN: 0.5); 0: plain sampling
+    temperature: float = 0.7  # TBDN's runs; top-p 0.9 as in ThinkDiff's
+
+TBDN_HINT, TBDN_QCD, TBDN = "tbdn-hint", "tbdn-qcd", "tbdn"
+PROMPTED = {TBDN_HINT: Prompting(hint=True, contrast=0.0), TBDN_QCD: Prompting(hint=False, contrast=0.5),
+            TBDN: Prompting(hint=True, contrast=0.5)}
+
 # %% ../nbs/00b_methods.ipynb #097945de
 @dataclass(frozen=True)
 class Method:
@@ -50,6 +62,12 @@ IMAGE_METHODS = {  # every method that draws an image, in table order
     THINKDIFF_READOUT: Method("ThinkDiff's aligned tokens through its affine T5 readout (a diagnostic)", (COBSAT,),
                               "beyond the paper"),
     TEXT_BRIDGE: Method("T5 of the VLM's answer text", (COBSAT,), "beyond the paper; TBDN's Qwen2-VL Base on CoBSAT"),
+    TBDN_HINT: Method("T5 of the VLM's answer to the instruction with TBDN's hint", (COBSAT,),
+                      "beyond the paper; TBDN's ablation, + hint instruction"),
+    TBDN_QCD: Method("T5 of the VLM's answer under query-contrastive decoding", (COBSAT,),
+                     "beyond the paper; TBDN's ablation, + query-contrastive decoding"),
+    TBDN: Method("T5 of the VLM's answer with TBDN's hint and query-contrastive decoding", (COBSAT,),
+                 "beyond the paper; TBDN (arXiv 2601.06169)"),
     HYBRID: Method("ThinkDiff's aligned tokens, then T5 of the VLM's answer text", (COBSAT,), "beyond the paper"),
     QUERY_ONLY: Method("T5 of the query word alone, without the demonstrations", (COBSAT,), "beyond the paper"),
     THINKDIFF_CLIP: Method("each image's aligned vision tokens, then T5 of the text", (COMPOSITION,),

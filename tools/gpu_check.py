@@ -24,7 +24,8 @@ from thinkdiff_nb.composition import image_text_video, load_video_pipeline, read
 from thinkdiff_nb.data import MemorySource  # noqa: E402
 from thinkdiff_nb.features import end_token_ids, extract_features, generate_with_features  # noqa: E402
 from thinkdiff_nb.image_decoders import load_image_decoder  # noqa: E402
-from thinkdiff_nb.inference import ThinkDiff, answer_settings, conditioning, draw, respond  # noqa: E402
+from thinkdiff_nb.inference import ThinkDiff, answer_settings, asked, conditioning, draw, respond  # noqa: E402
+from thinkdiff_nb.methods import PROMPTED, TBDN_QCD  # noqa: E402
 from thinkdiff_nb.judges import judge_dtype, load_cobsat_judge  # noqa: E402
 from thinkdiff_nb.train import (ALIGNER_SCHEDULE, AlignerBatches, AlignerTraining, ImageBatches,  # noqa: E402
                                 aligner_loss, decoder_states, encoder_states, image_loss_metrics, t5_space_agreement,
@@ -214,6 +215,20 @@ class Check:
                 "full_run_gpu_hours_at_this_rate": round(seconds * blocks / 3600, 1),
                 "full_run_note": "1000 prompts x 10 tasks x 2 shots, two methods, one GPU; N GPUs share the blocks"}
 
+    def tbdn_answers(self):
+        ("TBDN's query-contrastive decoding against a plain answer on one CoBSAT block, measured in one run: the "
+         "VLM's time and peak memory for each, and the ratio.")
+        td, prompts = self.models["td"], task_prompts(TASKS[0], 2, self.sizes["block"])
+        images, figures = [self.demonstrations(p) for p in prompts], {}
+        for name, prompting in (("plain", None), ("query_contrast", PROMPTED[TBDN_QCD])):
+            reset_peak(); start = time.time(); torch.manual_seed(42)
+            generate_with_features(td.vlm, td.processor, images=images, max_new_tokens=self.sizes["n_tokens"],
+                                   min_new_tokens=0, capture=None, image_size=td.profile.vlm_image_size,
+                                   **asked(prompts, prompting))
+            figures[name] = {"seconds": round(time.time() - start, 2), **peak()}
+        figures["time_ratio"] = round(figures["query_contrast"]["seconds"] / figures["plain"]["seconds"], 2)
+        return figures
+
     def extract(self):
         "Answers to description prompts with their states: the input of the training and premise steps."
         td = self.models["td"]
@@ -327,6 +342,7 @@ class Check:
             self.step("vlm_generation", self.vlm_generation)
             self.step("row_semantics", self.row_semantics)
             self.step("flux_image", self.flux_image)
+            self.step("tbdn_answers", self.tbdn_answers)
             self.step("extract_answers", self.extract)
         self.step("released_aligner", self.released_aligner)
         self.step("judges", self.judges)
