@@ -38,7 +38,7 @@ nbtest: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/nbdev-test --timing $(if $(FAST),,--flags slow)
 
 # Two pytest workers of one thread each keep both cores busy while a test starts a kernel or imports; two workers of two
-# threads each oversubscribe the cores (on 2 cores the suite took 20 min 19 s so, against 14 min 2 s in one worker).
+# threads each oversubscribe the cores (on 2 cores the suite took 20 min 19 s that way, against 14 min 2 s in one worker).
 PYTEST_WORKERS ?= 2
 pytest: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=10 \
