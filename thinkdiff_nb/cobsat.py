@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 from .world import TASKS, THEMES, as_theme, atomic_dir, parse_pair, render, task_prompts
-from .runtime import process_share
+from .runtime import atomic_write_text, process_share
 from .judges import CobsatJudge
 from .methods import COBSAT_ROWS, METHODS, VLM_TEXT, aligners_needed
 from .inference import ThinkDiff, conditioning, draw, rendered_demonstrations, respond
@@ -127,7 +127,7 @@ def evaluate_block(td: ThinkDiff, judges: dict[str, CobsatJudge], task, shot: in
 # %% ../nbs/02e_cobsat.ipynb #06976baa
 def write_csv(frame: pd.DataFrame, path: Path):
     "`frame` written to `path` as CSV through a temporary file and one rename."
-    tmp = path.with_name(f".{path.name}.tmp"); frame.to_csv(tmp, index=False); os.replace(tmp, path)
+    atomic_write_text(path, frame.to_csv(index=False))
 
 # %% ../nbs/02e_cobsat.ipynb #142ced0c
 def kept_image_path(out_dir: Path, unit: str, method: str, prompt: int) -> Path:
@@ -148,8 +148,7 @@ def keep_block(out_dir: Path, unit: str, start: int, examples: dict):
                 **({"text": r["text"], "generated_ids": r["generated_ids"].tolist()} if "text" in r else {})}
                for j, r in enumerate(examples["responses"])]  # text, generated_ids: the n_tokens the aligners read
     path = Path(out_dir) / "answers" / f"{unit}.block{start:04d}.jsonl"; path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(a) + "\n" for a in answers)); os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(a) + "\n" for a in answers))
 
 # %% ../nbs/02e_cobsat.ipynb #beebafc3
 def read_kept_image(path: Path) -> np.ndarray:

@@ -4,14 +4,14 @@
 
 # %% ../nbs/02i_composition_scores.ipynb #02000000
 from __future__ import annotations
-import json, os, random, tempfile, time
+import json, random, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .world import PHRASES, THEMES, display_word, oracle_prompt, render
-from .runtime import process_share
+from .runtime import atomic_write_text, process_share
 from .image_decoders import ImageDecoder
 from .clip import vision_tokens
 from .composition import flux_conditioning
@@ -197,10 +197,7 @@ def same_settings(out_dir: Path, settings: dict):
                                      "remove it or choose another output folder")
     elif any(Path(out_dir).glob("*.block*.csv")):
         raise ValueError(f"{out_dir} holds blocks but no settings.json: remove it or choose another output folder")
-    else:  # every process writes the same content, each through a temporary file of its own
-        handle, tmp = tempfile.mkstemp(prefix=".settings.", dir=out_dir)
-        with os.fdopen(handle, "w") as f: f.write(json.dumps(settings))
-        os.replace(tmp, path)
+    else: atomic_write_text(path, json.dumps(settings))  # every process writes the same, each through its own file
 
 # %% ../nbs/02i_composition_scores.ipynb #45f78d2e
 def evaluate_compositions(decoder: ImageDecoder, judge, out_dir, kinds=COMPOSITION_KINDS, n_probes: int = 200,

@@ -133,6 +133,7 @@ def generate_with_features(model, processor, conversations, images, max_new_toke
                            ) -> list[dict]:
     "Answers with their final-norm states: per sample prompt states (P, d), generated states (N, d), ids and text."
     if capture not in CAPTURES: raise ValueError(f"unknown capture {capture!r}; choose one of {CAPTURES}")
+    if contrast and query_free is None: raise ValueError("contrast needs query_free: the conversations without their query")
     batch = vlm_batch(processor, conversations, images, max_images=model.config.max_images, image_size=image_size,
                       vision_id=vision_id).to(model.device)
     ends = end_token_ids(model, processor.tokenizer)
