@@ -10,8 +10,8 @@ from thinkdiff_nb.backbones import get_profile
 from thinkdiff_nb.aligner import t5_final_norm_weight
 
 NBS = Path(__file__).parents[1] / "nbs"
-TINY = dict(changes=["premise-broken", "uneven-norm"], backbone_steps=2, aligner_steps=3, aligner_batch_size=8,
-            eval_batches=1,
+TINY = dict(changes=["premise-broken", "uneven-norm", "native-t5-denoising"], backbone_steps=2, t5_steps=4,
+            regression_steps=5, aligner_steps=3, aligner_batch_size=8, eval_batches=1,
             max_images=32, n_prompts=1, sample_steps=2, shots=[2])
 
 
@@ -29,7 +29,7 @@ def test_findings_notebook_tiny(tmp_path):
     table = pd.read_csv(out / "findings.csv", index_col="change")
     assert list(table.index) == TINY["changes"]
     assert np.isfinite(table.to_numpy(float)).all()
-    broken, uneven = table.loc["premise-broken"], table.loc["uneven-norm"]
+    broken, uneven, native = (table.loc[c] for c in TINY["changes"])
     shipped_norm = t5_final_norm_weight(get_profile("mini").t5)
     # the shipped T5, saved
     assert torch.equal(t5_final_norm_weight(str(out / "premise-broken" / "backbones" / "t5")), shipped_norm)
@@ -40,7 +40,14 @@ def test_findings_notebook_tiny(tmp_path):
     assert broken["vlm-text_2shot_both"] == uneven["vlm-text_2shot_both"]  # the VLM is never changed
     assert -1 <= broken.t5_cosine <= 1 and broken.aligned_rms > 0 and broken.states_rms > 0
     rates = [c for c in table if c.endswith("_both") or c.endswith("_accuracy")]
-    assert len(rates) == 9 and ((table[rates] >= 0) & (table[rates] <= 1)).all().all()
+    assert len(rates) == 11 and ((table[rates] >= 0) & (table[rates] <= 1)).all().all()
+    # the gates: the shipped T5 cannot write an answer back from its own states; the native T5 is a new model, read
+    # by a fine-tuned image decoder
+    assert broken.t5_gate_loss_ratio > 10 and not broken.t5_gate_passes
+    assert not torch.equal(t5_final_norm_weight(str(out / "native-t5-denoising" / "backbones" / "t5")), shipped_norm)
+    assert (out / "native-t5-denoising" / "decoder_ckpt.pt").exists()
+    assert (table.image_gate_oracle_both == table["oracle_2shot_both"]).all()
+    assert (out / "gates.png").exists() and list(pd.read_csv(out / "gates.csv", index_col="change").index) == TINY["changes"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["params"]["changes"] == TINY["changes"] and [r["change"] for r in metrics["rows"]] == TINY["changes"]
     assert (out / "findings.png").exists() and all(f"| {c} " in (out / "findings.md").read_text()

@@ -7,28 +7,35 @@ from __future__ import annotations
 import dataclasses, json, os, random, time
 from pathlib import Path
 import numpy as np
-import torch
+import torch, torch.nn.functional as F
 from tqdm.auto import tqdm
-from .world import TASKS, atomic_dir, parse_pair, task_prompts
+from transformers import T5ForConditionalGeneration
+from .world import THEMES, TASKS, atomic_dir, icl_answer, parse_pair, task_prompts
 from .image_decoders import flow_matching_loss
-from .backbones import empty_pooled, load_decoder, load_t5, load_vlm_processor, Profile, to_pixels
+from .backbones import (empty_pooled, load_decoder, load_t5, load_vlm_processor, mini_t5_config, Profile,
+                                    to_pixels)
 from .backbones import TEXT_LENGTH
 from .loop import Schedule, atomic_torch_save, fit
-from .pretrain import caption_table, t5_batch, t5_pairs
+from .pretrain import (caption_table, description_answer, is_heldout_text, prefix_split, t5_batch,
+                                  t5_pairs)
 from .runtime import atomic_write_text
-from .train import (ALIGNER_SCHEDULE, AlignerTraining, ImageBatches, collate, encoder_states,
-                                image_loss_metrics, make_example, t5_space_agreement, train_aligner)
+from .train import (ALIGNER_SCHEDULE, AlignerBatches, AlignerTraining, ImageBatches, aligner_loss_fn,
+                                collate, encoder_states, image_loss_metrics, make_example, paired_rows,
+                                t5_space_agreement, teacher_forced_metrics, train_aligner)
+from .aligner import t5_aligner
 from .methods import ALIGNER_METHODS, aligner_method
 from .inference import ThinkDiff, conditioning, read_back, respond
 from .judges import load_cobsat_judge
 from .cobsat import evaluate
 
 # %% auto #0
-__all__ = ['BACKBONE_CHANGES', 'TRIAL_ALIGNERS', 'TRIAL_METHODS', 'uneven_final_norm', 'scaled_state_negatives',
-           'aligner_negatives', 'fine_tune_t5_decoder', 'decoder_negatives', 't5_inversions', 'fine_tune_image_decoder',
-           'decoder_reads_inversions', 'principal_projection', 'readers_in_subspace', 'change_backbones',
+__all__ = ['NATIVE_MIX', 'BACKBONE_CHANGES', 'TRIAL_ALIGNERS', 'T5_GATE', 'IMAGE_GATE', 'TRIAL_METHODS', 'uneven_final_norm',
+           'scaled_state_negatives', 'aligner_negatives', 'fine_tune_t5_decoder', 'decoder_negatives', 't5_inversions',
+           'fine_tune_image_decoder', 'decoder_reads_inversions', 'principal_projection', 'readers_in_subspace',
+           'answer_text', 'native_pairs', 'pretrain_native_t5', 'image_decoder_on', 'change_backbones',
            'save_backbones', 'variant_profile', 'in_context_decoding', 'PremiseTrial', 'trial_aligner_training',
-           'trial_backbones', 'trial_aligners', 'premise_metrics', 'premise_trial']
+           'trial_backbones', 'trial_aligners', 'own_states_metrics', 'regressed_aligner', 't5_gate', 'image_gate',
+           'premise_metrics', 'premise_trial']
 
 # %% ../nbs/02f_premise_trials.ipynb #d80a36d2
 def uneven_final_norm(t5, transformer, sigma: float = 1.0, seed: int = 0) -> dict:
@@ -202,11 +209,73 @@ def readers_in_subspace(t5, tokenizer, transformer, images: np.ndarray, captions
             "t5_decoder_final_loss": text["decoder_final_loss"],
             "image_decoder_final_loss": image["decoder_final_loss"]}
 
+# %% ../nbs/02f_premise_trials.ipynb #1761dfd5
+def answer_text(rng: random.Random, instructions: tuple,  # the VLM's description instructions (Profile)
+                heldout: bool = False) -> str:
+    "A text like the mini VLM's answers: a description frame or the in-context answer of a random pair."
+    while True:
+        theme = THEMES[rng.choice(list(THEMES))]
+        subject, attribute = rng.choice(theme.subjects), rng.choice(theme.attributes)
+        instruction = rng.choice(tuple(instructions) + (None,))  # None: the in-context answer
+        text = (icl_answer(theme, subject, attribute) if instruction is None
+                else description_answer(instruction, theme, subject, attribute))
+        if is_heldout_text(text) == heldout: return text
+
+# %% ../nbs/02f_premise_trials.ipynb #a6fd136b
+# the shares of each objective in a native batch: half the shipped mix (captions), half the aligner's tasks (answers)
+NATIVE_MIX = {"span": 0.2, "prefix": 0.2, "copy": 0.3, "continue": 0.3}
+
+def native_pairs(rng: random.Random, n: int, instructions: tuple, mix: dict = NATIVE_MIX,
+                 heldout: bool = False) -> list[tuple[str, str, str]]:
+    ("n (source, target, objective) triples: the shipped caption objectives (span, prefix) beside copying and "
+     "continuing answer texts.")
+    pairs = []
+    for objective in rng.choices(list(mix), weights=list(mix.values()), k=n):
+        if objective in ("span", "prefix"): pairs += t5_pairs(rng, 1, heldout, objective); continue
+        words = answer_text(rng, instructions, heldout).split()
+        if objective == "copy": pairs.append((" ".join(words), " ".join(words), objective))
+        else: pairs.append((*prefix_split(words, rng), objective))  # continue: the first k words, then the rest
+    return pairs
+
+# %% ../nbs/02f_premise_trials.ipynb #4ab15c73
+def pretrain_native_t5(tokenizer, instructions: tuple, steps: int, ckpt_path,
+                       state_noise: float = 0.0,  # sigma of the Gaussian noise on the states the decoder reads
+                       lr: float = 2e-3, batch_size: int = 64, seed: int = 0) -> tuple:
+    "A fresh mini T5 trained, resumably and end to end, on `native_pairs`; returns it frozen and what training did."
+    torch.manual_seed(seed)
+    t5 = T5ForConditionalGeneration(mini_t5_config(len(tokenizer)))
+    def loss(model, g):
+        rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=g)))
+        ids, mask, labels = t5_batch(tokenizer, native_pairs(rng, batch_size, instructions))
+        states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
+        if state_noise: states = states + state_noise * torch.randn(states.shape, generator=g)
+        return model(encoder_outputs=(states,), attention_mask=mask, labels=labels).loss
+    schedule = Schedule(steps=steps, lr=lr, warmup=min(200, steps // 10), weight_decay=0.01,
+                        ckpt_every=min(max(steps, 1), 1000), seed=seed)  # 01c_pretrain_run's T5 schedule
+    run = fit(t5, loss, schedule, Path(ckpt_path), desc=f"native T5, state noise {state_noise}")
+    t5.eval().requires_grad_(False)
+    return t5, {"t5_steps": steps, "state_noise": state_noise, "t5_final_loss": float(np.mean(run.losses[-50:] or [0])),
+                "t5_minutes": run.seconds / 60}
+
+# %% ../nbs/02f_premise_trials.ipynb #f0945105
+def image_decoder_on(t5, tokenizer, transformer, images: np.ndarray, captions: list[str], steps: int, ckpt_path,
+                     state_noise: float = 0.0,  # sigma of the Gaussian noise on captioned rows' states
+                     lr: float = 1e-3,  # higher than the other fine-tunes' 3e-4: the decoder relearns how to read
+                     batch_size: int = 64, seed: int = 0) -> dict:
+    "Fine-tune the image decoder, resumably, to read `t5`'s encoder states of its captions (noised by `state_noise`)."
+    caption_ids, table, _ = caption_table(t5, tokenizer, captions)  # (N,), (U, TEXT_LENGTH, d): row 0 the empty prompt
+    def conditions(rows, g):
+        noise = state_noise * torch.randn((len(rows), *table.shape[1:]), generator=g)
+        return table[rows] + noise * (rows > 0)[:, None, None]  # the empty prompt stays exact
+    return fine_tune_image_decoder(transformer, images, caption_ids, conditions, empty_pooled(t5, tokenizer), steps,
+                                   ckpt_path, lr, batch_size, seed=seed, desc="image decoder reads the new T5")
+
 # %% ../nbs/02f_premise_trials.ipynb #f937ca76
 BACKBONE_CHANGES = ("premise-broken", "decoder-negatives-scaled", "decoder-negatives-aligner", "uneven-norm",
-                    "reads-inversions", "readers-in-subspace")
+                    "reads-inversions", "readers-in-subspace", "native-t5", "native-t5-denoising")
 _NEEDS = {"decoder-negatives-aligner": ("wayward_aligner", "cache", "vlm_tokenizer"), "reads-inversions": ("bank",),
-          "readers-in-subspace": ("bank",)}
+          "readers-in-subspace": ("bank",), "native-t5": ("bank", "instructions"),
+          "native-t5-denoising": ("bank", "instructions")}
 
 def change_backbones(change: str, t5, tokenizer, transformer, out_dir, steps: int,
                      bank=None,             # reads-inversions, readers-in-subspace: (uint8 (N, H, W, 3), captions)
@@ -215,11 +284,15 @@ def change_backbones(change: str, t5, tokenizer, transformer, out_dir, steps: in
                      vlm_tokenizer=None,
                      sigma: float = 1.0,     # uneven-norm: s = exp(sigma * N(0, 1))
                      subspace_rank: int = 16,  # readers-in-subspace: dimensions of the encoder states the readers keep
+                     instructions: tuple | None = None,  # native-t5*: the VLM's description instructions
+                     t5_steps: int = 6000,     # native-t5*: steps of the fresh T5 (steps: the image decoder's)
+                     state_noise: float = 0.5,  # native-t5-denoising: sigma of the noise both readers learn under
                      seed: int = 0) -> dict:
     "Apply the change called `change` to a T5 and an image decoder in place; returns what it did."
     if change not in BACKBONE_CHANGES:
         raise ValueError(f"unknown backbone change {change!r}; changes are {BACKBONE_CHANGES}")
-    given = {"bank": bank, "wayward_aligner": wayward_aligner, "cache": cache, "vlm_tokenizer": vlm_tokenizer}
+    given = {"bank": bank, "wayward_aligner": wayward_aligner, "cache": cache, "vlm_tokenizer": vlm_tokenizer,
+             "instructions": instructions}
     missing = [k for k in _NEEDS.get(change, ()) if given[k] is None]
     if missing: raise ValueError(f"backbone change {change!r} needs {', '.join(missing)}")
     ckpt = Path(out_dir) / ("decoder_ckpt.pt" if change == "reads-inversions" else "t5_ckpt.pt")
@@ -233,6 +306,12 @@ def change_backbones(change: str, t5, tokenizer, transformer, out_dir, steps: in
         return decoder_reads_inversions(transformer, t5, tokenizer, *bank, steps, ckpt, seed=seed)
     if change == "readers-in-subspace":
         return readers_in_subspace(t5, tokenizer, transformer, *bank, steps, out_dir, subspace_rank, seed=seed)
+    if change.startswith("native-t5"):
+        noise = state_noise if change == "native-t5-denoising" else 0.0
+        native, info = pretrain_native_t5(tokenizer, instructions, t5_steps, ckpt, noise, seed=seed)
+        t5.load_state_dict(native.state_dict())  # the same config: the loaded T5 becomes the fresh one
+        return {**info, **image_decoder_on(t5, tokenizer, transformer, *bank, steps, Path(out_dir) / "decoder_ckpt.pt",
+                                           noise, seed=seed)}
     return {}  # premise-broken
 
 # %% ../nbs/02f_premise_trials.ipynb #c2cc8361
@@ -275,6 +354,10 @@ class PremiseTrial:
                                   # readers-in-subspace)
     sigma: float = 1.0            # uneven-norm: the scale s = exp(sigma * N(0, 1)) per dimension
     subspace_rank: int = 16       # readers-in-subspace: dimensions of the encoder states both decoders keep
+    t5_steps: int = 6000          # native-t5*: steps of the fresh T5, trained end to end (backbone_steps: the image
+                                  # decoder's fine-tuning onto it)
+    state_noise: float = 0.5      # native-t5-denoising: sigma of the noise on the states both readers learn from
+    regression_steps: int = 500   # the T5 gate's regressed aligner: steps of its mean-squared-error fit
     aligner_steps: int = 3000     # each aligner's training steps (make reproduce's mini aligners: 3,000)
     aligner_batch_size: int = 64  # the aligners' global batch, also the flow loss's (params/train_mini.yaml: 64)
     aligner_lr: float = 3e-3      # the aligners' peak learning rate (params/train_mini.yaml: 3e-3)
@@ -335,6 +418,86 @@ def trial_aligners(profile: Profile, caches: dict,  # {"train", "validation"}: F
         folders[name], heldout[name] = folder / "aligner", json.loads((folder / "heldout.json").read_text())
     return folders, heldout
 
+# %% ../nbs/02f_premise_trials.ipynb #12ed3811
+T5_GATE = {"loss_ratio": 1.1, "cosine": 0.9}                # own-states loss / aligner loss at most; cosine at least
+IMAGE_GATE = {"regressed_both": 0.6, "oracle_both": 0.85}   # CoBSAT both-right at least
+
+@torch.no_grad()
+def own_states_metrics(t5, tokenizer, vlm_tokenizer, cache, batch_size: int = 64, n_batches: int = 16,
+                       seed: int = 1) -> dict:
+    "The T5 decoder's no-masking loss and token accuracy read from its own encoder's states of each cached answer."
+    batches = AlignerBatches(cache, "no-masking", vlm_tokenizer, tokenizer, batch_size, share=(0, 1))
+    def inputs(g):
+        labels = batches(g)[2]  # (B, T): the answer's T5 tokens and </s>, -100 on padding
+        mask = (labels != -100).long()
+        ids = labels.masked_fill(labels == -100, tokenizer.pad_token_id)
+        return t5.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state, mask, labels
+    return teacher_forced_metrics(t5, inputs, n_batches, seed)
+
+# %% ../nbs/02f_premise_trials.ipynb #9d7b32b4
+def regressed_aligner(t5, tokenizer, vlm_tokenizer, cache,  # cache: the VLM's training features
+                      t5_source: str, ckpt_path, steps: int = 500, lr: float = 3e-3, samples: int = 4096,
+                      seed: int = 0):
+    "An aligner fitted by mean squared error onto the T5 encoder's states of its answer tokens: a probe on the manifold."
+    states, features, targets = encoder_states(t5, tokenizer), [], []
+    with torch.no_grad():
+        for i in range(min(samples, len(cache))):
+            item = cache[i]; ids = item["generated_ids"].tolist()
+            encoded, spans = states(vlm_tokenizer.decode(ids, skip_special_tokens=True))
+            if not (rows := paired_rows(vlm_tokenizer, ids, spans)): continue
+            k, j = (list(r) for r in zip(*rows))
+            features.append(item["generated_features"].float()[k]); targets.append(encoded[j])
+    X, Y = torch.cat(features), torch.cat(targets)  # (R, d_vlm) answer rows, (R, d) the encoder's states of them
+    aligner = t5_aligner(cache.width, t5, t5_source, "t5", seed)
+    def loss(model, g):
+        idx = torch.randint(len(X), (min(1024, len(X)),), generator=g)
+        return F.mse_loss(model(X[idx][None])[0], Y[idx])
+    fit(aligner, loss, Schedule(steps=steps, lr=lr, warmup=min(50, steps // 10), weight_decay=0.05,
+                                ckpt_every=max(steps, 1), seed=seed), Path(ckpt_path),
+        desc="aligner regressed onto T5 encoder states")
+    return aligner
+
+# %% ../nbs/02f_premise_trials.ipynb #9eb13d7d
+def t5_gate(profile: Profile, caches: dict, out_dir, training: AlignerTraining,  # the no-masking aligner's recipe
+            aligner_loss: float,  # the held-out loss a freshly trained no-masking aligner reached
+            regression_steps: int = 500) -> dict:
+    ("The T5 gate, once per folder: own-states loss against a fresh aligner's, and a regressed aligner's cosine after "
+     "the T5 loss.")
+    out_dir = Path(out_dir); gate_file = out_dir / "t5_gate.json"
+    if gate_file.exists(): return json.loads(gate_file.read_text())
+    t5, tokenizer = load_t5(profile); vlm_tokenizer = load_vlm_processor(profile).tokenizer
+    seed, states = training.schedule.seed, encoder_states(t5, tokenizer)
+    own = own_states_metrics(t5, tokenizer, vlm_tokenizer, caches["validation"], training.batch_size,
+                             training.eval_batches, seed + 1)  # train_aligner's held-out batches
+    aligner = regressed_aligner(t5, tokenizer, vlm_tokenizer, caches["train"], profile.t5,
+                                out_dir / "regression_ckpt.pt", regression_steps, training.schedule.lr, seed=seed)
+    aligner.save_pretrained(out_dir / "aligner-regressed" / "aligner")
+    regressed = t5_space_agreement(aligner, states, vlm_tokenizer, caches["validation"])["cosine"]
+    batches = AlignerBatches(caches["train"], "no-masking", vlm_tokenizer, tokenizer, training.batch_size)
+    fit(aligner.train(), aligner_loss_fn(t5, batches), training.schedule, out_dir / "regressed_then_t5_ckpt.pt",
+        desc="regressed aligner, T5 loss alone")
+    after = t5_space_agreement(aligner, states, vlm_tokenizer, caches["validation"])["cosine"]
+    gate = {"own_states_loss": own["loss"], "aligner_loss": aligner_loss, "loss_ratio": own["loss"] / aligner_loss,
+            "regressed_cosine": regressed, "cosine_after_t5_loss": after}
+    gate["passes"] = gate["loss_ratio"] <= T5_GATE["loss_ratio"] and after >= T5_GATE["cosine"]
+    _write_json(gate_file, gate)
+    return gate
+
+# %% ../nbs/02f_premise_trials.ipynb #e3c13803
+def image_gate(profile: Profile, aligner_folder, out_dir,  # aligner_folder: the regressed aligner t5_gate saved
+               oracle_both: float,  # the trial's oracle both-right, at the lowest shot
+               shots=(2,), n_prompts: int = 50, sample_steps: int = 12, seed: int = 0) -> dict:
+    "The image-decoder gate: CoBSAT both-right of the regressed aligner's tokens, and the oracle's."
+    # the regressed aligner reads the generated tokens of the whole answer: it takes the no-masking slot
+    probe = ThinkDiff.load(dataclasses.replace(profile, aligners={"no-masking": str(aligner_folder)}),
+                           {"no-masking": aligner_folder})
+    records = evaluate(probe, {"mini": load_cobsat_judge(profile, "mini")}, Path(out_dir) / "cobsat-regressed",
+                       shots=(min(shots),), n_prompts=n_prompts, methods=("no-masking",), steps=sample_steps,
+                       seed=seed)
+    regressed = float(records[records["method"] == "no-masking"]["both"].mean())
+    return {"regressed_both": regressed, "oracle_both": oracle_both,
+            "passes": regressed >= IMAGE_GATE["regressed_both"] and oracle_both >= IMAGE_GATE["oracle_both"]}
+
 # %% ../nbs/02f_premise_trials.ipynb #8cb02287
 # CoBSAT methods of a trial; vlm-text comes with them
 TRIAL_METHODS = ("thinkdiff", "no-masking", "input-tokens", "oracle")
@@ -369,20 +532,29 @@ def premise_trial(change: str, profile: Profile, caches: dict,  # caches: {"trai
                   bank=None,             # reads-inversions, readers-in-subspace: (uint8 images (N, H, W, 3), captions)
                   wayward_aligner=None,  # decoder-negatives-aligner: the aligner whose tokens are the negatives
                   ) -> dict:
-    "A row of the findings: a backbone change, the three aligners trained through the changed T5, the premise measured."
+    ("A row of the findings: a backbone change, the three aligners trained through the changed T5, the two gates and "
+     "the premise measured.")
     out_dir, trial = Path(out_dir), trial or PremiseTrial(); row_file = out_dir / "row.json"
     if row_file.exists(): return json.loads(row_file.read_text())
     start = time.time(); out_dir.mkdir(parents=True, exist_ok=True)
     changed, info = trial_backbones(change, profile, out_dir, trial.backbone_steps, bank=bank,
                                     wayward_aligner=wayward_aligner, cache=caches["train"],
                                     vlm_tokenizer=load_vlm_processor(profile).tokenizer, sigma=trial.sigma,
-                                    subspace_rank=trial.subspace_rank, seed=trial.seed)
-    folders, heldout = trial_aligners(changed, caches, out_dir, trial_aligner_training(trial))
+                                    subspace_rank=trial.subspace_rank, instructions=profile.describe_instructions,
+                                    t5_steps=trial.t5_steps, state_noise=trial.state_noise, seed=trial.seed)
+    training = trial_aligner_training(trial)
+    folders, heldout = trial_aligners(changed, caches, out_dir, training)
+    gate = t5_gate(changed, caches, out_dir, dataclasses.replace(training, method="no-masking"),
+                   heldout["no-masking"]["loss"], trial.regression_steps)
     td = ThinkDiff.load(dataclasses.replace(changed, aligners={k: str(v) for k, v in folders.items()}), folders)
     measured = premise_metrics(td, caches, source, out_dir, trial.shots, trial.n_prompts, trial.sample_steps,
                                trial.aligner_batch_size, trial.eval_batches, trial.seed)
-    row = {"change": change, "norm_weight_std": info["norm_weight_std"], **measured,
-           **{f"{k}_heldout_token_accuracy": v["token_accuracy"] for k, v in heldout.items()},
+    image = image_gate(changed, out_dir / "aligner-regressed" / "aligner", out_dir,
+                       measured[f"oracle_{min(trial.shots)}shot_both"], trial.shots, trial.n_prompts,
+                       trial.sample_steps, trial.seed)
+    row = {"change": change, "norm_weight_std": info["norm_weight_std"],
+           **{f"t5_gate_{k}": v for k, v in gate.items()}, **{f"image_gate_{k}": v for k, v in image.items()},
+           **measured, **{f"{k}_heldout_token_accuracy": v["token_accuracy"] for k, v in heldout.items()},
            "minutes": (time.time() - start) / 60}
     _write_json(row_file, row)
     return row
