@@ -488,6 +488,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'thinkdiff_nb/premise_trials.py'),
                                              'thinkdiff_nb.premise_trials.in_context_decoding': ( 'premise_trials.html#in_context_decoding',
                                                                                                   'thinkdiff_nb/premise_trials.py'),
+                                             'thinkdiff_nb.premise_trials.native_backbones': ( 'premise_trials.html#native_backbones',
+                                                                                               'thinkdiff_nb/premise_trials.py'),
                                              'thinkdiff_nb.premise_trials.native_pairs': ( 'premise_trials.html#native_pairs',
                                                                                            'thinkdiff_nb/premise_trials.py'),
                                              'thinkdiff_nb.premise_trials.own_states_metrics': ( 'premise_trials.html#own_states_metrics',

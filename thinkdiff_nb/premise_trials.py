@@ -32,10 +32,10 @@ from .cobsat import evaluate
 __all__ = ['NATIVE_MIX', 'BACKBONE_CHANGES', 'TRIAL_ALIGNERS', 'T5_GATE', 'IMAGE_GATE', 'TRIAL_METHODS', 'uneven_final_norm',
            'scaled_state_negatives', 'aligner_negatives', 'fine_tune_t5_decoder', 'decoder_negatives', 't5_inversions',
            'fine_tune_image_decoder', 'decoder_reads_inversions', 'principal_projection', 'readers_in_subspace',
-           'answer_text', 'native_pairs', 'pretrain_native_t5', 'image_decoder_on', 'change_backbones',
-           'save_backbones', 'variant_profile', 'in_context_decoding', 'PremiseTrial', 'trial_aligner_training',
-           'trial_backbones', 'trial_aligners', 'own_states_metrics', 'regressed_aligner', 't5_gate', 'image_gate',
-           'premise_metrics', 'premise_trial']
+           'answer_text', 'native_pairs', 'pretrain_native_t5', 'image_decoder_on', 'native_backbones',
+           'change_backbones', 'save_backbones', 'variant_profile', 'in_context_decoding', 'PremiseTrial',
+           'trial_aligner_training', 'trial_backbones', 'trial_aligners', 'own_states_metrics', 'regressed_aligner',
+           't5_gate', 'image_gate', 'premise_metrics', 'premise_trial']
 
 # %% ../nbs/02f_premise_trials.ipynb #d80a36d2
 def uneven_final_norm(t5, transformer, sigma: float = 1.0, seed: int = 0) -> dict:
@@ -270,6 +270,17 @@ def image_decoder_on(t5, tokenizer, transformer, images: np.ndarray, captions: l
     return fine_tune_image_decoder(transformer, images, caption_ids, conditions, empty_pooled(t5, tokenizer), steps,
                                    ckpt_path, lr, batch_size, seed=seed, desc="image decoder reads the new T5")
 
+# %% ../nbs/02f_premise_trials.ipynb #273bddde
+def native_backbones(t5, tokenizer, transformer, bank,  # bank: (uint8 images (N, H, W, 3), captions)
+                     instructions: tuple, out_dir, t5_steps: int, image_steps: int, state_noise: float = 0.0,
+                     seed: int = 0) -> dict:
+    "Replace `t5` in place by a native T5 and fine-tune the image decoder onto it; returns what both trainings did."
+    native, info = pretrain_native_t5(tokenizer, instructions, t5_steps, Path(out_dir) / "t5_ckpt.pt", state_noise,
+                                      seed=seed)
+    t5.load_state_dict(native.state_dict())  # the same shapes: the loaded T5 becomes the fresh one
+    return {**info, **image_decoder_on(t5, tokenizer, transformer, *bank, image_steps, Path(out_dir) / "decoder_ckpt.pt",
+                                       state_noise, seed=seed)}
+
 # %% ../nbs/02f_premise_trials.ipynb #f937ca76
 BACKBONE_CHANGES = ("premise-broken", "decoder-negatives-scaled", "decoder-negatives-aligner", "uneven-norm",
                     "reads-inversions", "readers-in-subspace", "native-t5", "native-t5-denoising")
@@ -307,11 +318,8 @@ def change_backbones(change: str, t5, tokenizer, transformer, out_dir, steps: in
     if change == "readers-in-subspace":
         return readers_in_subspace(t5, tokenizer, transformer, *bank, steps, out_dir, subspace_rank, seed=seed)
     if change.startswith("native-t5"):
-        noise = state_noise if change == "native-t5-denoising" else 0.0
-        native, info = pretrain_native_t5(tokenizer, instructions, t5_steps, ckpt, noise, seed=seed)
-        t5.load_state_dict(native.state_dict())  # the same config: the loaded T5 becomes the fresh one
-        return {**info, **image_decoder_on(t5, tokenizer, transformer, *bank, steps, Path(out_dir) / "decoder_ckpt.pt",
-                                           noise, seed=seed)}
+        return native_backbones(t5, tokenizer, transformer, bank, instructions, out_dir, t5_steps, steps,
+                                state_noise if change == "native-t5-denoising" else 0.0, seed)
     return {}  # premise-broken
 
 # %% ../nbs/02f_premise_trials.ipynb #c2cc8361
