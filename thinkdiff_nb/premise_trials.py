@@ -222,7 +222,7 @@ def answer_text(rng: random.Random, instructions: tuple,  # the VLM's descriptio
         if is_heldout_text(text) == heldout: return text
 
 # %% ../nbs/02f_premise_trials.ipynb #a6fd136b
-# the shares of each objective in a native batch: half the shipped mix (captions), half the aligner's tasks (answers)
+# the shares of each objective in a native batch: 2/5 the shipped T5's caption objectives, 3/5 the aligner's tasks
 NATIVE_MIX = {"span": 0.2, "prefix": 0.2, "copy": 0.3, "continue": 0.3}
 
 def native_pairs(rng: random.Random, n: int, instructions: tuple, mix: dict = NATIVE_MIX,
