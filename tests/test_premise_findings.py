@@ -47,6 +47,7 @@ def test_findings_notebook_tiny(tmp_path):
     assert not torch.equal(t5_final_norm_weight(str(out / "native-t5-denoising" / "backbones" / "t5")), shipped_norm)
     assert (out / "native-t5-denoising" / "decoder_ckpt.pt").exists()
     assert (table.image_gate_oracle_both == table["oracle_2shot_both"]).all()
+    assert native["vlm-text_2shot_both"] == broken["vlm-text_2shot_both"]  # a new T5 leaves the VLM alone
     assert (out / "gates.png").exists() and list(pd.read_csv(out / "gates.csv", index_col="change").index) == TINY["changes"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["params"]["changes"] == TINY["changes"] and [r["change"] for r in metrics["rows"]] == TINY["changes"]

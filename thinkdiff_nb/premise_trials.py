@@ -242,6 +242,7 @@ def pretrain_native_t5(tokenizer, instructions: tuple, steps: int, ckpt_path,
                        state_noise: float = 0.0,  # sigma of the Gaussian noise on the states the decoder reads
                        lr: float = 2e-3, batch_size: int = 64, seed: int = 0) -> tuple:
     "A fresh mini T5 trained, resumably and end to end, on `native_pairs`; returns it frozen and what training did."
+    if steps < 1: raise ValueError(f"a native T5 needs at least one training step, not {steps}")
     torch.manual_seed(seed)
     t5 = T5ForConditionalGeneration(mini_t5_config(len(tokenizer)))
     def loss(model, g):
@@ -254,7 +255,7 @@ def pretrain_native_t5(tokenizer, instructions: tuple, steps: int, ckpt_path,
                         ckpt_every=min(max(steps, 1), 1000), seed=seed)  # 01c_pretrain_run's T5 schedule
     run = fit(t5, loss, schedule, Path(ckpt_path), desc=f"native T5, state noise {state_noise}")
     t5.eval().requires_grad_(False)
-    return t5, {"t5_steps": steps, "state_noise": state_noise, "t5_final_loss": float(np.mean(run.losses[-50:] or [0])),
+    return t5, {"t5_steps": steps, "state_noise": state_noise, "t5_final_loss": float(np.mean(run.losses[-50:])),
                 "t5_minutes": run.seconds / 60}
 
 # %% ../nbs/02f_premise_trials.ipynb #f0945105
@@ -449,7 +450,7 @@ def regressed_aligner(t5, tokenizer, vlm_tokenizer, cache,  # cache: the VLM's t
     "An aligner fitted by mean squared error onto the T5 encoder's states of its answer tokens: a probe on the manifold."
     states, features, targets = encoder_states(t5, tokenizer), [], []
     with torch.no_grad():
-        for i in range(min(samples, len(cache))):
+        for i in tqdm(range(min(samples, len(cache))), desc="encoder states of the answers", leave=False):
             item = cache[i]; ids = item["generated_ids"].tolist()
             encoded, spans = states(vlm_tokenizer.decode(ids, skip_special_tokens=True))
             if not (rows := paired_rows(vlm_tokenizer, ids, spans)): continue
