@@ -214,8 +214,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                          'thinkdiff_nb/composition_scores.py'),
                                                  'thinkdiff_nb.composition_scores.probe_image_tokens': ( 'composition_scores.html#probe_image_tokens',
                                                                                                          'thinkdiff_nb/composition_scores.py'),
-                                                 'thinkdiff_nb.composition_scores.same_settings': ( 'composition_scores.html#same_settings',
-                                                                                                    'thinkdiff_nb/composition_scores.py'),
                                                  'thinkdiff_nb.composition_scores.score_block': ( 'composition_scores.html#score_block',
                                                                                                   'thinkdiff_nb/composition_scores.py')},
             'thinkdiff_nb.data': { 'thinkdiff_nb.data.MemorySource': ('data.html#memorysource', 'thinkdiff_nb/data.py'),

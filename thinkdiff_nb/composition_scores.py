@@ -4,14 +4,15 @@
 
 # %% ../nbs/02i_composition_scores.ipynb #02000000
 from __future__ import annotations
-import json, random, time
+import random, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .world import PHRASES, THEMES, display_word, oracle_prompt, render
-from .runtime import atomic_write_text, process_share
+from .runtime import process_share
+from .parameters import claim_folder
 from .image_decoders import ImageDecoder
 from .clip import vision_tokens
 from .composition import flux_conditioning
@@ -21,7 +22,7 @@ from .methods import CONDITIONINGS, IMAGE_CAPTIONS, ORACLE, TEXT_ONLY, THINKDIFF
 # %% auto #0
 __all__ = ['COMPOSITION_KINDS', 'axis_text', 'CompositionProbe', 'composition_probes', 'caption_states', 'aligned_images',
            'probe_image_tokens', 'probe_conditioning', 'check_clip_aligner', 'score_block', 'block_path',
-           'same_settings', 'evaluate_compositions', 'composition_table', 'composition_grid']
+           'evaluate_compositions', 'composition_table', 'composition_grid']
 
 # %% ../nbs/02i_composition_scores.ipynb #05000000
 COMPOSITION_KINDS = ("image+text", "two-images", "two-images+text")
@@ -185,20 +186,6 @@ def block_path(out_dir: Path, kind: str, start: int) -> Path:
     "Where a kind's block of probes starting at `start` is recorded."
     return Path(out_dir) / f"{kind}.block{start:04d}.csv"
 
-# %% ../nbs/02i_composition_scores.ipynb #86b58690
-def same_settings(out_dir: Path, settings: dict):
-    "Record the settings a folder's blocks are made with, or raise if its blocks were made with others."
-    path = Path(out_dir) / "settings.json"
-    if path.exists():
-        before = json.loads(path.read_text())
-        changed = {k: (before.get(k), settings.get(k)) for k in {**before, **settings}
-                   if before.get(k) != settings.get(k)}
-        if changed: raise ValueError(f"{out_dir} holds blocks made with other settings, {changed} (then, now): "
-                                     "remove it or choose another output folder")
-    elif any(Path(out_dir).glob("*.block*.csv")):
-        raise ValueError(f"{out_dir} holds blocks but no settings.json: remove it or choose another output folder")
-    else: atomic_write_text(path, json.dumps(settings))  # every process writes the same, each through its own file
-
 # %% ../nbs/02i_composition_scores.ipynb #45f78d2e
 def evaluate_compositions(decoder: ImageDecoder, judge, out_dir, kinds=COMPOSITION_KINDS, n_probes: int = 200,
                           batch_size: int = 100,  # probes per block: the unit of resumption and of sharing
@@ -211,9 +198,9 @@ def evaluate_compositions(decoder: ImageDecoder, judge, out_dir, kinds=COMPOSITI
     out_dir, (rank, processes) = Path(out_dir), share or process_share()
     out_dir.mkdir(parents=True, exist_ok=True)
     # a block's numbers depend on these; the probe count and the kinds only say how many blocks there are
-    same_settings(out_dir, {"batch_size": batch_size, "probe_seed": probe_seed, "seed": seed,
-                            **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
-                               if isinstance(v, (int, float, str, tuple, list))}})
+    claim_folder(out_dir, {"batch_size": batch_size, "probe_seed": probe_seed, "seed": seed,
+                           **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, tuple, list))}},
+                 main=rank == 0)
     starts = range(0, n_probes, batch_size)
     for kind in tqdm(kinds, desc="compositions", disable=rank != 0):
         probes = composition_probes(kind, n_probes, probe_seed)
