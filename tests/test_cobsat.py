@@ -39,7 +39,7 @@ def test_inference_path_end_to_end(tiny_td):
     prompts = task_prompts(TASKS[5], 4, 2)
     responses = respond(tiny_td, prompts, n_tokens=6, methods=METHODS)  # with the answers TBDN's rows ask for
     assert all(r["generated_features"].shape == (6, 32) for r in responses)  # EOS ignored: always n_tokens states
-    assert all(set(r["prompted_answers"]) == {"tbdn-hint", "tbdn-qcd", "tbdn"} for r in responses)
+    assert all(set(r["prompted_answers"]) == {"tbdn-base", "tbdn-hint", "tbdn-qcd", "tbdn"} for r in responses)
     lengths = {}
     for method in METHODS:
         embeds, pooled = conditioning(tiny_td, method, prompts, responses)
@@ -184,7 +184,7 @@ def test_cobsat_notebook_deterministic_over_runs_and_processes(tmp_path, aligner
     assert (one / "accuracy_by_task.png").exists() and (one / "figure5_2shot.png").exists()
     beside = pd.read_csv(one / "table_2shot_with_published.csv", index_col=0)  # ours, then the published means
     assert list(beside.index[-7:]) == [f"{m} (published)" for m in ("thinkdiff", "no-masking", "input-tokens",
-                                                                    "text-bridge", "tbdn-hint", "tbdn-qcd", "tbdn")]
+                                                                    "tbdn-base", "tbdn-hint", "tbdn-qcd", "tbdn")]
     assert beside.loc["thinkdiff (published)", "mean"] == pytest.approx(0.417)
     assert beside.loc["tbdn (published)", "mean"] == pytest.approx(0.693)
     metrics = json.loads((one / "metrics.json").read_text())

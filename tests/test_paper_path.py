@@ -79,7 +79,7 @@ def test_cobsat_notebook_at_tiny_paper_size(tmp_path):
     table = (tmp_path / "cobsat" / "table_2shot_all_both.csv").read_text().splitlines()
     assert len(table) == 1 + 1 + len(METHODS) and table[0].endswith(",mean")  # vlm-text and every method
     assert metrics["run"]["vlm_sampling"]["tbdn"]["contrast"] == 0.5  # TBDN's rows through Qwen2-VL and FluxPipeline
-    assert {"tbdn-hint", "tbdn-qcd", "tbdn"} <= {line.split(",")[0] for line in table}
+    assert {"tbdn-base", "tbdn-hint", "tbdn-qcd", "tbdn"} <= {line.split(",")[0] for line in table}
 
 
 def test_train_notebook_on_tiny_paper_then_from_the_cache_loads_only_the_t5_decoder(tmp_path):

@@ -264,7 +264,7 @@ PUBLISHED = {
 }
 PUBLISHED_MEANS = {("thinkdiff", 2): 0.417, ("thinkdiff", 4): 0.463, ("no-masking", 2): 0.287,
                    ("input-tokens", 2): 0.016,
-                   ("text-bridge", 2): 0.537, ("text-bridge", 4): 0.614,  # TBDN's Qwen2-VL base
+                   ("tbdn-base", 2): 0.537, ("tbdn-base", 4): 0.614,  # TBDN's Qwen2-VL base
                    ("tbdn-hint", 2): 0.601, ("tbdn-qcd", 2): 0.638, ("tbdn-qcd", 4): 0.745,  # TBDN's ablation
                    ("tbdn", 2): 0.693, ("tbdn", 4): 0.767}  # TBDN with Qwen2-VL-7B
 

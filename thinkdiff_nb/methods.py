@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['THINKDIFF', 'ALIGNER_METHODS', 'THINKDIFF_READOUT', 'TEXT_BRIDGE', 'HYBRID', 'QUERY_ONLY', 'THINKDIFF_CLIP',
-           'IMAGE_CAPTIONS', 'TEXT_ONLY', 'ORACLE', 'COBSAT', 'COMPOSITION', 'TBDN_HINT', 'TBDN_QCD', 'TBDN',
-           'PROMPTED', 'IMAGE_METHODS', 'METHODS', 'CONDITIONINGS', 'READS_THINKDIFF', 'VLM_TEXT', 'SCORED_TEXT',
-           'COBSAT_ROWS', 'AlignerMethod', 'Prompting', 'Method', 'aligner_method', 'check_methods', 'aligners_needed']
+           'IMAGE_CAPTIONS', 'TEXT_ONLY', 'ORACLE', 'COBSAT', 'COMPOSITION', 'TBDN_BASE', 'TBDN_HINT', 'TBDN_QCD',
+           'TBDN', 'PROMPTED', 'IMAGE_METHODS', 'METHODS', 'CONDITIONINGS', 'READS_THINKDIFF', 'VLM_TEXT',
+           'SCORED_TEXT', 'COBSAT_ROWS', 'AlignerMethod', 'Prompting', 'Method', 'aligner_method', 'check_methods',
+           'aligners_needed']
 
 # %% ../nbs/00b_methods.ipynb #016fcec3
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ class Prompting:
     contrast: float           # query-contrastive decoding's a (TBDN: 0.5); 0: plain sampling
     temperature: float = 0.7  # TBDN's runs; top-p 0.9 as in ThinkDiff's
 
-TBDN_HINT, TBDN_QCD, TBDN = "tbdn-hint", "tbdn-qcd", "tbdn"
-PROMPTED = {TBDN_HINT: Prompting(hint=True, contrast=0.0), TBDN_QCD: Prompting(hint=False, contrast=0.5),
-            TBDN: Prompting(hint=True, contrast=0.5)}
+TBDN_BASE, TBDN_HINT, TBDN_QCD, TBDN = "tbdn-base", "tbdn-hint", "tbdn-qcd", "tbdn"
+PROMPTED = {TBDN_BASE: Prompting(hint=False, contrast=0.0), TBDN_HINT: Prompting(hint=True, contrast=0.0),
+            TBDN_QCD: Prompting(hint=False, contrast=0.5), TBDN: Prompting(hint=True, contrast=0.5)}
 
 # %% ../nbs/00b_methods.ipynb #097945de
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ IMAGE_METHODS = {  # every method that draws an image, in table order
        for n, a in ALIGNER_METHODS.items()},
     THINKDIFF_READOUT: Method("ThinkDiff's aligned tokens through its affine T5 readout (a diagnostic)", (COBSAT,),
                               "beyond the paper"),
-    TEXT_BRIDGE: Method("T5 of the VLM's answer text", (COBSAT,), "beyond the paper; TBDN's Qwen2-VL Base on CoBSAT"),
+    TEXT_BRIDGE: Method("T5 of the VLM's answer text", (COBSAT,), "beyond the paper"),
+    TBDN_BASE: Method("T5 of the VLM's answer, sampled as TBDN samples", (COBSAT,),
+                      "beyond the paper; TBDN's Qwen2-VL Base on CoBSAT"),
     TBDN_HINT: Method("T5 of the VLM's answer to the instruction with TBDN's hint", (COBSAT,),
                       "beyond the paper; TBDN's ablation, + hint instruction"),
     TBDN_QCD: Method("T5 of the VLM's answer under query-contrastive decoding", (COBSAT,),
