@@ -252,7 +252,7 @@ def pretrain_native_t5(tokenizer, instructions: tuple, steps: int, ckpt_path,
         if state_noise: states = states + state_noise * torch.randn(states.shape, generator=g)
         return model(encoder_outputs=(states,), attention_mask=mask, labels=labels).loss
     schedule = Schedule(steps=steps, lr=lr, warmup=min(200, steps // 10), weight_decay=0.01,
-                        ckpt_every=min(max(steps, 1), 1000), seed=seed)  # 01c_pretrain_run's T5 schedule
+                        ckpt_every=min(steps, 1000), seed=seed)  # 01c_pretrain_run's T5 schedule
     run = fit(t5, loss, schedule, Path(ckpt_path), desc=f"native T5, state noise {state_noise}")
     t5.eval().requires_grad_(False)
     return t5, {"t5_steps": steps, "state_noise": state_noise, "t5_final_loss": float(np.mean(run.losses[-50:])),
@@ -498,8 +498,7 @@ def image_gate(profile: Profile, aligner_folder, out_dir,  # aligner_folder: the
                shots=(2,), n_prompts: int = 50, sample_steps: int = 12, seed: int = 0) -> dict:
     "The image-decoder gate: CoBSAT both-right of the regressed aligner's tokens, and the oracle's."
     # the regressed aligner reads the generated tokens of the whole answer: it takes the no-masking slot
-    probe = ThinkDiff.load(dataclasses.replace(profile, aligners={"no-masking": str(aligner_folder)}),
-                           {"no-masking": aligner_folder})
+    probe = ThinkDiff.load(profile, {"no-masking": aligner_folder})
     records = evaluate(probe, {"mini": load_cobsat_judge(profile, "mini")}, Path(out_dir) / "cobsat-regressed",
                        shots=(min(shots),), n_prompts=n_prompts, methods=("no-masking",), steps=sample_steps,
                        seed=seed)
